@@ -1,0 +1,36 @@
+# Two commands: `make run` and `make test`. Both set up .venv first (idempotent: the stamp file
+# is rebuilt only when the dependency files change).
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU machines: the local CPU wheel. A GPU user runs `make setup TORCH_PIN=torch==2.13.0` (the
+# registry's CUDA build of the same version; see README "GPU install").
+TORCH_PIN ?= torch==2.13.0+cpu
+EXP ?= synthetic_15_5_disjoint
+ARGS ?=
+export NO_ALBUMENTATIONS_UPDATE = 1
+export PYTHONUNBUFFERED = 1
+
+STAMP := $(VENV)/.setup-done
+
+.PHONY: setup run test test-all clean-runs
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt scripts/setup_torchvision.py scripts/_tv_cpu_shim.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -c constraints.txt "$(TORCH_PIN)" -e '.[test]'
+	$(PY) scripts/setup_torchvision.py
+	touch $@
+
+run: setup
+	$(PY) -m experiments.run $(EXP) $(ARGS) $(if $(METHODS),methods=[$(METHODS)])
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-all: setup
+	$(PY) -m pytest -m "" $(PYTEST_ARGS)
+
+clean-runs:
+	rm -rf runs wandb

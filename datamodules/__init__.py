@@ -1,0 +1,1 @@
+"""Data for class-incremental segmentation: tasks, splits, label remapping, datasets, the datamodule."""

@@ -1,0 +1,1 @@
+"""What to run: one YAML per paper setting, and the step loop."""

@@ -1,0 +1,88 @@
+"""The comparison table of an experiment, in the layout of the WILSON paper's tables
+(method | old | new | all), with both metric conventions and the paper's expected numbers."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from rich.table import Table
+
+
+def _span(classes: list[int]) -> str:
+    classes = sorted(c for c in classes if c != 0)
+    if not classes:
+        return "-"
+    contiguous = classes == list(range(classes[0], classes[-1] + 1))
+    return f"{classes[0]}-{classes[-1]}" if contiguous else f"{len(classes)} classes"
+
+
+def _pct(value) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
+
+
+def comparison_rows(config: dict, steps, results: dict[str, dict]) -> list[dict]:
+    expected = (config.get("expected") or {}).get("methods") or {}
+    rows = []
+    for name, result in results.items():
+        first, final = result["steps"][0]["summary"], result["final"]
+        paper = expected.get(name)
+        rows.append({
+            "method": name,
+            "step0_old": first["old_no_bg"],
+            "old": final["old_no_bg"], "new": final["new_no_bg"], "all": final["all_no_bg"],
+            "all_with_bg": final["all_with_bg"], "hiou": final["hiou_no_bg"],
+            "old_kept": final["old_no_bg"] / first["old_no_bg"] if first["old_no_bg"] else float("nan"),
+            "paper": "/".join(f"{paper[k]:.1f}" for k in ("old", "new", "all") if k in paper) if paper else "-",
+        })
+    return rows
+
+
+def _columns(config: dict, steps) -> list[tuple[str, str]]:
+    old, new = _span(steps[0]), _span([c for s in steps[1:] for c in s])
+    return [("method", "Method"), ("step0_old", f"step-0 model {old}"), ("old", f"{old} (old)"),
+            ("new", f"{new} (new)"), ("all", "all (no bg)"), ("all_with_bg", "all (with bg)"),
+            ("hiou", "hIoU"), ("old_kept", "old kept"), ("paper", "paper old/new/all")]
+
+
+def _cells(row: dict) -> list[str]:
+    return [row["method"], *(_pct(row[k]) for k in ("step0_old", "old", "new", "all", "all_with_bg", "hiou")),
+            "-" if math.isnan(row["old_kept"]) else f"{100 * row['old_kept']:.0f}%", row["paper"]]
+
+
+def _caption(config: dict) -> str:
+    data = config["data"]
+    expected = config.get("expected") or {}
+    text = (f"{config['name']}: {data['dataset']} {data['task']} {data['mode']}, mIoU % after the last step. "
+            "old/new/all exclude background (MiB convention); 'all (with bg)' includes it (WILSON's All). "
+            "'old kept' = final old-class mIoU / the step-0 model's.")
+    if expected.get("source"):
+        text += f" Paper numbers: {expected['source']} ({expected.get('convention', '')})."
+    return text
+
+
+def write_comparison(out_dir: Path, config: dict, rows: list[dict]) -> Path:
+    columns = _columns(config, _steps(config))
+    lines = [f"# {config['name']}", "", _caption(config), "",
+             "| " + " | ".join(title for _, title in columns) + " |",
+             "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "comparison.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def print_comparison(console, config: dict, rows: list[dict]) -> None:
+    table = Table(title=f"{config['name']} — mIoU (%) after the last step", caption=_caption(config),
+                  caption_justify="left")
+    for key, title in _columns(config, _steps(config)):
+        table.add_column(title, justify="left" if key in ("method", "paper") else "right")
+    for row in rows:
+        table.add_row(*_cells(row))
+    console.print(table)
+
+
+def _steps(config: dict):
+    from datamodules.tasks import task_classes
+
+    return task_classes(config["data"]["dataset"], config["data"]["task"])

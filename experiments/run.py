@@ -1,0 +1,270 @@
+"""The step loop: `python -m experiments.run <experiment> [key=value ...]` (what `make run` calls).
+
+For every method of the experiment: take the shared step-0 model (trained once, cached), then
+for t >= 1 snapshot the teacher, add and initialise the classifier of the new classes, train
+with the method's losses, and test on the classes seen so far. Results per step go to
+runs/<experiment>/<method>/, and a comparison table of all methods to runs/<experiment>/.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations' import-time version check
+
+import pytorch_lightning as pl
+import torch
+import yaml
+from rich.console import Console
+
+from callbacks.teacher import TeacherCallback
+from datamodules import datasets
+from datamodules.incremental import IncrementalSegmentationDataModule
+from datamodules.tasks import channel_order, task_classes
+from experiments.config import apply_overrides, load_experiment, resolve
+from experiments.report import comparison_rows, print_comparison, write_comparison
+from lightning_modules.methods import build_method
+from lightning_modules.metrics import summarize_run
+from lightning_modules.module import IncrementalSegmentationModule
+from lightning_modules.network import SegmentationNetwork
+
+STEP0_CACHE_VERSION = 1
+console = Console()
+
+
+# --- building blocks ------------------------------------------------------------------------
+def build_network(config: dict, classes_per_step: list[int]) -> SegmentationNetwork:
+    return SegmentationNetwork(classes_per_step, **config["network"])
+
+
+def build_datamodule(config: dict, method, steps, step: int) -> IncrementalSegmentationDataModule:
+    data = config["data"]
+    return IncrementalSegmentationDataModule(
+        dataset=data["dataset"], data_root=data["root"], task=steps, mode=data["mode"], step=step,
+        supervision=method.supervision, training_images=method.training_images, old_labels=method.old_labels,
+        batch_size=data["batch_size"], test_batch_size=data.get("test_batch_size"), crop_size=data["crop_size"],
+        train_scale=data.get("train_scale", (0.5, 2.0)), eval_mode=data.get("eval_mode", "center_crop"),
+        test_images=data.get("test_images", "seen"), void_as_background=data.get("void_as_background", True),
+        future_classes_in_test=data.get("future_classes_in_test", "ignore"),
+        size_divisor=config["network"].get("output_stride", 16), num_workers=data.get("num_workers", 2),
+        dataset_options=data.get("options") or {})
+
+
+def schedule_for(config: dict, method_entry: dict, step: int) -> dict:
+    schedule = dict(config["schedule"]["step0" if step == 0 else "incremental"])
+    if step > 0:
+        schedule.update((method_entry or {}).get("schedule") or {})
+    return schedule
+
+
+def build_trainer(config: dict, epochs: int, logger, callbacks: list) -> pl.Trainer:
+    trainer_cfg = config.get("trainer") or {}
+    return pl.Trainer(
+        max_epochs=epochs, logger=logger, callbacks=callbacks + [pl.callbacks.RichProgressBar(leave=False)],
+        accelerator=trainer_cfg.get("accelerator", "auto"), devices=trainer_cfg.get("devices", 1),
+        precision=trainer_cfg.get("precision", "32-true"), enable_checkpointing=False,
+        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+        log_every_n_steps=trainer_cfg.get("log_every_n_steps", 10), default_root_dir=config["output_dir"],
+        deterministic=trainer_cfg.get("deterministic", False))
+
+
+def wandb_mode(setting: str) -> str:
+    """"auto": online when the user has configured wandb (WANDB_MODE, an API key or a login),
+    offline otherwise; "online", "offline", "disabled" as given."""
+    if setting != "auto":
+        return setting
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    netrc = Path.home() / ".netrc"
+    logged_in = os.environ.get("WANDB_API_KEY") or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
+    return "online" if logged_in else "offline"
+
+
+def build_logger(config: dict, method_name: str, run_dir: Path):
+    logger_cfg = config.get("logger") or {}
+    mode = wandb_mode(logger_cfg.get("wandb", "auto"))
+    if mode == "disabled":
+        return False
+    from pytorch_lightning.loggers import WandbLogger
+
+    trainer_cfg = config.get("trainer") or {}
+    devices = trainer_cfg.get("devices", 1)
+    world_size = (devices if isinstance(devices, int) else len(devices)) * trainer_cfg.get("num_nodes", 1)
+    run_config = dict(config, method=method_name, seed=config["seed"], world_size=world_size,
+                      effective_batch=world_size * config["data"]["batch_size"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return WandbLogger(project=logger_cfg.get("project", "ciss"), group=config["name"], job_type=method_name,
+                       name=f"{config['name']}-{method_name}", save_dir=str(run_dir), mode=mode, config=run_config,
+                       tags=[config["name"], method_name, config["data"]["dataset"], config["data"]["mode"]],
+                       log_model=False)
+
+
+# --- step 0: shared by every method with the same step-0 setting ----------------------------
+def step0_cache_path(config: dict, method, steps) -> Path:
+    data = config["data"]
+    key = {
+        "version": STEP0_CACHE_VERSION, "dataset": data["dataset"], "dataset_options": data.get("options") or {},
+        "data_root": str(Path(data["root"]).resolve()) if data["dataset"] != "synthetic" else None,
+        "step0_classes": steps[0], "mode": data["mode"], "network": config["network"], "loss": method.step0_loss,
+        "schedule": config["schedule"]["step0"], "optimizer": config["optimizer"], "batch_size": data["batch_size"],
+        "crop_size": data["crop_size"], "train_scale": data.get("train_scale"),
+        "void_as_background": data.get("void_as_background", True), "seed": config["seed"],
+        "precision": (config.get("trainer") or {}).get("precision", "32-true"),
+    }
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return Path(config["cache_dir"]) / f"step0-{digest}.pt"
+
+
+def _save_atomically(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(obj, temporary)
+    temporary.replace(path)
+
+
+# --- one step -------------------------------------------------------------------------------
+def run_step(config, method, method_entry, steps, step, network, logger, names, train=True):
+    """Train step `step` (unless `train` is False: a cached step-0 model) and test it."""
+    pl.seed_everything(config["seed"] + step, verbose=False)
+    schedule = schedule_for(config, method_entry, step)
+    datamodule = build_datamodule(config, method, steps, step)
+    module = IncrementalSegmentationModule(
+        network, method, steps, step, lr=schedule["lr"], momentum=config["optimizer"]["momentum"],
+        nesterov=config["optimizer"]["nesterov"], weight_decay=config["optimizer"]["weight_decay"],
+        poly_power=config["optimizer"]["poly_power"], class_names=[names.get(c, str(c)) for c in channel_order(steps, step)])
+    trainer = build_trainer(config, schedule["epochs"], logger, [TeacherCallback(len(steps[step]))])
+    started = time.time()
+    if train:
+        trainer.fit(module, datamodule=datamodule)
+    train_seconds = time.time() - started
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    record = {
+        "step": step, "classes": steps[step], "trained": train, "train_images": len(datamodule.train_set),
+        "test_images": len(datamodule.test_set), "train_seconds": round(train_seconds, 1),
+        "iou": {module.class_names[i]: (None if math.isnan(v) else float(v)) for i, v in enumerate(module.test_iou)},
+        "summary": module.test_summary, "confusion": module.test_confusion.tolist(),
+    }
+    return module.network, record, trainer.is_global_zero
+
+
+def run_method(config: dict, method_name: str, steps) -> dict:
+    entry = dict(config["methods"][method_name] or {})
+    method = build_method(method_name, **{k: v for k, v in entry.items() if k != "schedule"})
+    run_dir = Path(config["output_dir"]) / config["name"] / method_name
+    names = datasets.class_names(config["data"]["dataset"], config["data"].get("options"))
+    logger = build_logger(config, method_name, run_dir)
+    results = {"experiment": config["name"], "method": method_name, "hparams": method.hparams(),
+               "complete": False, "steps": [], "config": config}
+
+    cache = step0_cache_path(config, method, steps)
+    if cache.exists():
+        console.print(f"[bold]{method_name}[/]: step 0 from cache {cache}")
+        saved = torch.load(cache, map_location="cpu", weights_only=True)
+        network = build_network(config, saved["classes_per_step"])
+        network.load_state_dict(saved["state_dict"])
+        network, record, is_main = run_step(config, method, entry, steps, 0, network, logger, names, train=False)
+    else:
+        console.print(f"[bold]{method_name}[/]: training step 0 ({len(steps[0]) - 1} classes)")
+        pl.seed_everything(config["seed"], verbose=False)
+        network = build_network(config, [len(steps[0])])
+        network, record, is_main = run_step(config, method, entry, steps, 0, network, logger, names)
+        if is_main:
+            _save_atomically({"state_dict": network.state_dict(), "classes_per_step": [len(steps[0])]}, cache)
+    results["steps"].append(record)
+    _write_results(run_dir, results, is_main)
+    for step in range(1, len(steps)):
+        console.print(f"[bold]{method_name}[/]: step {step} (classes {steps[step][0]}-{steps[step][-1]})")
+        network, record, is_main = run_step(config, method, entry, steps, step, network, logger, names)
+        results["steps"].append(record)
+        _write_results(run_dir, results, is_main)
+    results["final"] = summarize_run([r["summary"] for r in results["steps"]])
+    results["complete"] = True
+    _write_results(run_dir, results, is_main)
+    if logger:
+        logger.experiment.summary.update({f"final/{k}": v for k, v in results["final"].items() if not math.isnan(v)})
+        logger.experiment.finish()
+    return results
+
+
+def _write_results(run_dir: Path, results: dict, is_main: bool) -> None:
+    """results.json (everything), metrics.csv (one row per step), per_class_iou.csv, config.yaml."""
+    if not is_main:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    temporary = run_dir / "results.json.tmp"
+    temporary.write_text(json.dumps(results, indent=1, default=float))
+    temporary.replace(run_dir / "results.json")
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(results["config"], sort_keys=False))
+    with open(run_dir / "metrics.csv", "w", newline="") as f:
+        keys = list(results["steps"][0]["summary"])
+        writer = csv.writer(f)
+        writer.writerow(["step", *keys])
+        for record in results["steps"]:
+            writer.writerow([record["step"], *(record["summary"][k] for k in keys)])
+    with open(run_dir / "per_class_iou.csv", "w", newline="") as f:
+        columns = list(results["steps"][-1]["iou"])
+        writer = csv.writer(f)
+        writer.writerow(["step", *columns])
+        for record in results["steps"]:
+            writer.writerow([record["step"], *(record["iou"].get(c) for c in columns)])
+
+
+# --- the experiment -------------------------------------------------------------------------
+def prepare(config: dict) -> list[list[int]]:
+    """Everything that can be wrong with the experiment, checked before any training: the task,
+    the methods and their hyper-parameters, the dataset (generated here if synthetic)."""
+    data = config["data"]
+    steps = task_classes(data["dataset"], data["task"])
+    for name, entry in config["methods"].items():
+        build_method(name, **{k: v for k, v in (entry or {}).items() if k != "schedule"})
+    datasets.locate(data["dataset"], data["root"], data.get("options"))
+    return steps
+
+
+def run_experiment(config: dict) -> dict[str, dict]:
+    steps = prepare(config)
+    started = time.time()
+    results = {name: run_method(config, name, steps) for name in config["methods"]}
+    rows = comparison_rows(config, steps, results)
+    out_dir = Path(config["output_dir"]) / config["name"]
+    write_comparison(out_dir, config, rows)
+    print_comparison(console, config, rows)
+    console.print(f"total {time.time() - started:.0f} s; results in {out_dir}/")
+    return results
+
+
+def quiet_libraries() -> None:
+    for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*litlogger.*")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        from experiments.config import experiment_names
+        print(__doc__ + "\nexperiments: " + ", ".join(experiment_names()))
+        return 0 if argv else 2
+    quiet_libraries()
+    try:
+        config = resolve(apply_overrides(load_experiment(argv[0]), argv[1:]))
+        prepare(config)
+    except (ValueError, datasets.DatasetMissing) as error:  # ConfigError is a ValueError
+        console.print(f"[red]error:[/] {error}", soft_wrap=True)
+        return 1
+    run_experiment(config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

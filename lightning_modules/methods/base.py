@@ -1,0 +1,63 @@
+"""What a method is: its data needs, its losses, its parameter groups and its step-start hook."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from lightning_modules.losses import cross_entropy
+
+
+@dataclass
+class Method:
+    """Base of every method. Subclasses are dataclasses whose fields are their hyper-parameters.
+
+    Class attributes say what the method needs from the data and the step loop:
+      step0_loss         "ce" (softmax CE, MiB and most) or "bce" (WILSON); part of the step-0 cache key
+      supervision        "pixel" or "image" at steps >= 1
+      training_images    "step" (this step's images) or "cumulative" (all steps so far, Joint)
+      old_labels         "background" (old classes labelled 0) or "kept"
+      uses_old_model     whether the frozen previous model is needed at steps >= 1
+    """
+
+    name = "base"
+    step0_loss = "ce"
+    supervision = "pixel"
+    training_images = "step"
+    old_labels = "background"
+    uses_old_model = False
+
+    @classmethod
+    def from_hparams(cls, hparams: dict) -> "Method":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(hparams) - known)
+        if unknown:
+            raise ValueError(f"method {cls.name!r} has no hyper-parameter {', '.join(map(repr, unknown))}; "
+                             f"known: {', '.join(sorted(known)) or 'none'}")
+        return cls(**hparams)
+
+    def hparams(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # --- hooks -------------------------------------------------------------------------------
+    def init_new_classifier(self, network, old_network, n_old: int) -> None:
+        """Called once the classifier has its new head, before the optimizer is built. The
+        default keeps PyTorch's default initialisation of the new 1x1 conv."""
+
+    def parameter_groups(self, network, lr: float) -> list[dict]:
+        return [{"params": [p for p in network.parameters() if p.requires_grad], "lr": lr}]
+
+    def step0_training_loss(self, module, batch) -> tuple[torch.Tensor, dict]:
+        """Step 0 is fully supervised; with step0_loss "ce" this is the softmax cross-entropy."""
+        logits = module.network(batch["image"])["logits"]
+        loss = cross_entropy(logits, batch["label"])
+        return loss, {"ce": loss}
+
+    def incremental_training_loss(self, module, batch) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def training_loss(self, module, batch) -> tuple[torch.Tensor, dict]:
+        if module.step == 0:
+            return self.step0_training_loss(module, batch)
+        return self.incremental_training_loss(module, batch)

@@ -1,0 +1,92 @@
+"""The LightningModule that trains and tests any step of any method."""
+from __future__ import annotations
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torchmetrics.classification import MulticlassConfusionMatrix
+
+from lightning_modules.methods.base import Method
+from lightning_modules.metrics import iou_from_confusion, summarize_step
+from lightning_modules.network import SegmentationNetwork
+
+
+class IncrementalSegmentationModule(pl.LightningModule):
+    """Step `step` of `steps` for `method`: the network being trained and, at steps >= 1, the
+    frozen old network (set by callbacks.teacher.TeacherCallback).
+
+    The old network is deliberately not a registered submodule: it is not in `parameters()`
+    (so not in the optimizer), not in `state_dict()` (not saved as trainable state) and not
+    switched to train mode by Lightning. Metrics are logged under "step<t>/..." because the
+    global step restarts at every fit.
+    """
+
+    def __init__(self, network: SegmentationNetwork, method: Method, steps: list[list[int]], step: int,
+                 lr: float, momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 1e-4,
+                 poly_power: float = 0.9, class_names: list[str] | None = None):
+        super().__init__()
+        self.network, self.method, self.steps, self.step = network, method, steps, step
+        self.lr, self.momentum, self.nesterov = lr, momentum, nesterov
+        self.weight_decay, self.poly_power = weight_decay, poly_power
+        self.class_names = class_names
+        self.__dict__["_old_network"] = None  # plain attribute, see the class docstring
+        self.test_confusion: np.ndarray | None = None
+        self.test_summary: dict | None = None
+
+    # --- the old model ----------------------------------------------------------------------
+    @property
+    def old_network(self):
+        return self.__dict__["_old_network"]
+
+    def set_old_network(self, network) -> None:
+        self.__dict__["_old_network"] = network
+
+    @property
+    def n_old(self) -> int:
+        """Channels of the model before this step (background included)."""
+        return sum(len(s) for s in self.steps[: self.step])
+
+    @property
+    def num_classes(self) -> int:
+        return sum(len(s) for s in self.steps[: self.step + 1])
+
+    # --- training -----------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.network(images)
+
+    def training_step(self, batch, batch_index):
+        loss, terms = self.method.training_loss(self, batch)
+        batch_size = batch["image"].shape[0]
+        self.log(f"step{self.step}/train/loss", loss, prog_bar=True, batch_size=batch_size)
+        for name, value in terms.items():
+            self.log(f"step{self.step}/train/{name}", value, batch_size=batch_size)
+        return loss
+
+    def configure_optimizers(self):
+        groups = self.method.parameter_groups(self.network, self.lr)
+        optimizer = torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum, nesterov=self.nesterov,
+                                    weight_decay=self.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        power = self.poly_power
+        # Poly decay per iteration, lr * (1 - it / max_it) ** 0.9, as MiB and WILSON.
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: max(0.0, 1 - it / total) ** power)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- testing ------------------------------------------------------------------------------
+    def on_test_epoch_start(self) -> None:
+        self.test_confmat = MulticlassConfusionMatrix(self.num_classes, ignore_index=255,
+                                                      validate_args=False).to(self.device)
+
+    def test_step(self, batch, batch_index):
+        logits = self.network(batch["image"])["logits"]
+        self.test_confmat.update(logits.argmax(dim=1), batch["label"])
+
+    def on_test_epoch_end(self) -> None:
+        self.test_confusion = self.test_confmat.compute().cpu().numpy().astype(np.int64)
+        iou = iou_from_confusion(self.test_confusion)
+        self.test_summary = summarize_step(iou, self.steps, self.step)
+        prefix = f"step{self.step}/test"
+        self.log_dict({f"{prefix}/{k}": v for k, v in self.test_summary.items() if not np.isnan(v)})
+        names = self.class_names or [str(i) for i in range(len(iou))]
+        self.log_dict({f"{prefix}_iou/{names[i]}": float(v) for i, v in enumerate(iou) if not np.isnan(v)})
+        self.test_iou = iou
