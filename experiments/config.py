@@ -25,12 +25,31 @@ def experiment_names() -> list[str]:
     return sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))
 
 
+def _merge(base: dict, changes: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
 def load_experiment(name: str) -> dict:
+    """The experiment file `name`. A file may start from another with `base: <name>` (one
+    level: the base may not have a base of its own) and change only what differs."""
     path = Path(name) if name.endswith((".yaml", ".yml")) else EXPERIMENTS_DIR / f"{name}.yaml"
     if not path.is_file():
         raise ConfigError(f"unknown experiment {name!r}; available: {', '.join(experiment_names())}")
-    config = yaml.safe_load(path.read_text())
-    config.setdefault("name", path.stem)
+    config = yaml.safe_load(path.read_text()) or {}
+    if "base" in config:
+        base = load_experiment(config.pop("base"))
+        if base.pop("based_on", None):
+            raise ConfigError(f"{path.name}: its base has a base itself; keep experiment files one level deep")
+        base.pop("expected", None)  # expected numbers belong to one setting, never inherited
+        config = _merge(base, config)
+        config["based_on"] = base["name"]
+    config["name"] = path.stem
     return config
 
 
@@ -51,6 +70,19 @@ def _set(config: dict, dotted: str, value) -> None:
     node[last] = value
 
 
+def _parse_value(raw: str):
+    """YAML, except that numbers like 1e-3 (a string to YAML 1.1) are numbers."""
+    if not raw.strip():
+        return None
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
 def apply_overrides(config: dict, overrides: list[str]) -> dict:
     """Return a copy of `config` with `key=value` overrides (values parsed as YAML)."""
     config = copy.deepcopy(config)
@@ -59,7 +91,7 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
             raise ConfigError(f"override {override!r} is not of the form key=value")
         key, raw = override.split("=", 1)
         key = key.strip().lstrip("-")  # accept --key=value as wandb's ${args} passes it
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _parse_value(raw)
         if key == "methods" and isinstance(value, (list, str)):
             value = [value] if isinstance(value, str) else value
             available = config.get("methods") or {}

@@ -1,0 +1,42 @@
+"""Shared fixtures: no network, no wandb server, tiny generated data in the real layouts."""
+import os
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from datamodules.datasets.voc import save_mask
+from experiments.config import apply_overrides, load_experiment, resolve
+
+TINY_OVERRIDES = [
+    "data.crop_size=32", "data.batch_size=4", "data.test_batch_size=8", "data.num_workers=0",
+    "data.options.synthetic={train: 48, val: 16, size: 40, seed: 0}",
+    "network.decoder_channels=16", "schedule.step0={epochs: 1, lr: 0.01}",
+    "schedule.incremental={epochs: 1, lr: 0.001}", "logger.wandb=disabled",
+]
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    """The default experiment shrunk to seconds: tiny synthetic data, tiny network, 1 epoch."""
+    overrides = TINY_OVERRIDES + [f"data.root={tmp_path / 'data'}", f"output_dir={tmp_path / 'runs'}",
+                                  f"cache_dir={tmp_path / 'runs' / 'cache'}"]
+    return resolve(apply_overrides(load_experiment("synthetic_15_5_disjoint"), overrides))
+
+
+def write_voc_tree(root, samples: dict[str, tuple[np.ndarray, np.ndarray]], lists: dict[str, list[str]],
+                   mask_dir="SegmentationClass"):
+    """A directory in the Pascal VOC layout from (image, mask) arrays."""
+    (root / "JPEGImages").mkdir(parents=True, exist_ok=True)
+    (root / mask_dir).mkdir(parents=True, exist_ok=True)
+    (root / "ImageSets" / "Segmentation").mkdir(parents=True, exist_ok=True)
+    for image_id, (image, mask) in samples.items():
+        Image.fromarray(image).save(root / "JPEGImages" / f"{image_id}.jpg", quality=95)
+        save_mask(root / mask_dir / f"{image_id}.png", mask)
+    for name, ids in lists.items():
+        (root / "ImageSets" / "Segmentation" / name).write_text("\n".join(ids) + "\n")
+    return root
