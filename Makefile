@@ -12,14 +12,18 @@ export NO_ALBUMENTATIONS_UPDATE = 1
 export PYTHONUNBUFFERED = 1
 
 STAMP := $(VENV)/.setup-done
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+# pip prints one harmless line per package missing from the machine's local indexes.
+PIP_NOISE := grep -v "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: setup run test test-all clean-runs
+.PHONY: setup run test test-slow test-all clean-runs
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt scripts/setup_torchvision.py scripts/_tv_cpu_shim.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -c constraints.txt "$(TORCH_PIN)" -e '.[test]'
+	$(PY) -m pip install --quiet -c constraints.txt "$(TORCH_PIN)" -e '.[test]' 2>&1 | { $(PIP_NOISE); }
 	$(PY) scripts/setup_torchvision.py
 	touch $@
 
@@ -28,6 +32,9 @@ run: setup
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-slow: setup
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 test-all: setup
 	$(PY) -m pytest -m "" $(PYTEST_ARGS)

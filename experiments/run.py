@@ -194,13 +194,24 @@ def run_method(config: dict, method_name: str, steps) -> dict:
     return results
 
 
+def _json_safe(value):
+    """NaN (a class or group without ground truth) becomes null: standard JSON has no NaN."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
 def _write_results(run_dir: Path, results: dict, is_main: bool) -> None:
     """results.json (everything), metrics.csv (one row per step), per_class_iou.csv, config.yaml."""
     if not is_main:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     temporary = run_dir / "results.json.tmp"
-    temporary.write_text(json.dumps(results, indent=1, default=float))
+    temporary.write_text(json.dumps(_json_safe(results), indent=1, default=float, allow_nan=False))
     temporary.replace(run_dir / "results.json")
     (run_dir / "config.yaml").write_text(yaml.safe_dump(results["config"], sort_keys=False))
     with open(run_dir / "metrics.csv", "w", newline="") as f:

@@ -92,3 +92,21 @@ def test_random_resized_crop_keeps_between_half_and_all_of_the_image():
     areas = np.array(areas)
     assert areas.min() >= 0.45 and areas.max() <= 1.0
     assert 0.02 < (areas == 1.0).mean() < 0.5  # some whole-image fallbacks, not mostly
+
+
+def test_full_resolution_eval_pads_to_the_output_stride_with_void():
+    from datamodules.transforms import eval_transform
+
+    image, mask = np.zeros((37, 50, 3), np.uint8), np.ones((37, 50), np.uint8)
+    out = eval_transform(crop_size=32, mode="full", size_divisor=16)(image=image, mask=mask)
+    assert tuple(out["image"].shape) == (3, 48, 64)
+    assert (out["mask"][:37, :50] == 1).all() and (out["mask"][37:] == 255).all() and (out["mask"][:, 50:] == 255).all()
+
+
+def test_center_crop_eval_resizes_the_short_side_then_crops():
+    from datamodules.transforms import eval_transform
+
+    mask = np.zeros((40, 80), np.uint8)
+    mask[:, :20] = 1  # left quarter; after resize to 32x64 and a center crop of 32, it is cut away
+    out = eval_transform(crop_size=32)(image=np.zeros((40, 80, 3), np.uint8), mask=mask)
+    assert tuple(out["mask"].shape) == (32, 32) and (out["mask"] == 0).all()

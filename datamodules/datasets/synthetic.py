@@ -24,7 +24,7 @@ from rich.progress import track
 
 from datamodules.datasets.voc import save_mask
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 NUM_CLASSES = 20
 SHAPES = ("disk", "square", "triangle", "cross", "ring")
 # Appearance = a pair of colours and a texture drawn with them.
@@ -82,7 +82,7 @@ def _texture(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
     angle = rng.uniform(0, np.pi)
     u = np.cos(angle) * x + np.sin(angle) * y
     v = -np.sin(angle) * x + np.cos(angle) * y
-    period = rng.uniform(4.0, 6.0)
+    period = rng.uniform(6.0, 9.0)
     phase_u, phase_v = rng.uniform(0, period, 2)
     if kind == "solid":
         return np.full((size, size), 0.15, dtype=np.float32) + 0.1 * (y / size)
@@ -140,7 +140,7 @@ def generate_sample(rng: np.random.Generator, size: int, attributes, friends) ->
         shape, appearance = attributes[cls - 1]
         first, second, texture = APPEARANCES[appearance]
         for _attempt in range(10):  # keep objects mostly unoccluded
-            radius = rng.uniform(0.12, 0.22) * size
+            radius = rng.uniform(0.14, 0.24) * size
             cy, cx = rng.uniform(radius, size - radius, 2)
             region = _shape_mask(shape, size, cy, cx, radius, rng.uniform(0, 2 * np.pi))
             if (labels[region] != 0).mean() < 0.3:

@@ -1,0 +1,64 @@
+"""The embedded dataset: deterministic, in the VOC layout, reused, regenerated when incomplete."""
+import hashlib
+
+import numpy as np
+from PIL import Image
+
+from datamodules.datasets import synthetic
+from datamodules.datasets.voc import read_split
+from datamodules.presence import compute_presence
+from datamodules.splits import select_images
+from datamodules.tasks import task_classes
+
+
+def _digest(root):
+    return hashlib.sha1(b"".join(p.read_bytes() for p in sorted((root / "SegmentationClass").glob("*.png")))).hexdigest()
+
+
+def test_same_seed_same_data_and_the_voc_layout(tmp_path):
+    a = synthetic.ensure_generated(tmp_path / "a", train=12, val=4, size=32)
+    b = synthetic.ensure_generated(tmp_path / "b", train=12, val=4, size=32)
+    assert _digest(a) == _digest(b)
+    split = read_split(a, "train.txt")
+    assert len(split) == 12 and all(p.is_file() for p in split.images + split.masks)
+    mask = Image.open(split.masks[0])
+    assert mask.mode == "P" and mask.size == (32, 32)  # palette PNG like VOC
+    values = np.unique(np.concatenate([np.asarray(Image.open(p)).ravel() for p in split.masks]))
+    assert 0 in values and 255 in values and set(values) <= set(range(21)) | {255}
+
+
+def test_void_border_surrounds_objects_on_their_inner_side():
+    rng = np.random.default_rng(0)
+    image, mask = synthetic.generate_sample(rng, 40, synthetic.class_attributes(), synthetic.class_friends())
+    void = mask == 255
+    assert void.any() and image.shape == (40, 40, 3)
+    # every void pixel touches background or another object: it sits on a boundary
+    padded = np.pad(mask, 1, constant_values=0)
+    for y, x in zip(*np.nonzero(void)):
+        neighbours = {padded[y, x + 1], padded[y + 2, x + 1], padded[y + 1, x], padded[y + 1, x + 2]}
+        assert len(neighbours - {255}) >= 1
+
+
+def test_reused_when_complete_regenerated_when_incomplete_or_changed(tmp_path):
+    root = synthetic.ensure_generated(tmp_path, train=6, val=2, size=32)
+    marker_time = (root / "COMPLETE").stat().st_mtime_ns
+    assert synthetic.ensure_generated(tmp_path, train=6, val=2, size=32) == root
+    assert (root / "COMPLETE").stat().st_mtime_ns == marker_time  # reused, not rewritten
+    (root / "COMPLETE").unlink()                                   # an interrupted generation
+    (root / "JPEGImages" / "train_00003.jpg").unlink()
+    synthetic.ensure_generated(tmp_path, train=6, val=2, size=32)
+    assert (root / "JPEGImages" / "train_00003.jpg").is_file()
+    synthetic.ensure_generated(tmp_path, train=8, val=2, size=32)  # other parameters
+    assert len(read_split(root, "train.txt")) == 8
+
+
+def test_classes_are_shape_appearance_pairs_and_disjoint_differs_from_overlap(tmp_path):
+    attributes = synthetic.class_attributes()
+    assert len(set(attributes)) == 20
+    assert len({s for s, _ in attributes}) == 5 and len({a for _, a in attributes}) == 4
+    root = synthetic.ensure_generated(tmp_path, train=200, val=2, size=32)
+    presence = compute_presence(read_split(root, "train.txt").masks, 20)
+    steps = task_classes("synthetic", "15-5")
+    disjoint, overlap = select_images(presence, steps, 0, "disjoint"), select_images(presence, steps, 0, "overlap")
+    assert 0 < len(disjoint) < len(overlap)  # old classes co-occur with future ones
+    assert presence.sum(axis=1).max() >= 2 and presence.any(axis=0).all()
