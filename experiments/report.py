@@ -20,7 +20,7 @@ def _pct(value) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
 
 
-def comparison_rows(config: dict, steps, results: dict[str, dict]) -> list[dict]:
+def comparison_rows(config: dict, results: dict[str, dict]) -> list[dict]:
     expected = (config.get("expected") or {}).get("methods") or {}
     rows = []
     for name, result in results.items():
@@ -39,9 +39,9 @@ def comparison_rows(config: dict, steps, results: dict[str, dict]) -> list[dict]
 
 def _columns(config: dict, steps) -> list[tuple[str, str]]:
     old, new = _span(steps[0]), _span([c for s in steps[1:] for c in s])
-    return [("method", "Method"), ("step0_old", f"step-0 model {old}"), ("old", f"{old} (old)"),
-            ("new", f"{new} (new)"), ("all", "all (no bg)"), ("all_with_bg", "all (with bg)"),
-            ("hiou", "hIoU"), ("old_kept", "old kept"), ("paper", "paper old/new/all")]
+    return [("method", "Method"), ("step0_old", f"step 0: {old}"), ("old", f"old {old}"),
+            ("new", f"new {new}"), ("all", "all"), ("all_with_bg", "all+bg"),
+            ("hiou", "hIoU"), ("old_kept", "kept"), ("paper", "paper o/n/a")]
 
 
 def _cells(row: dict) -> list[str]:
@@ -53,8 +53,8 @@ def _caption(config: dict) -> str:
     data = config["data"]
     expected = config.get("expected") or {}
     text = (f"{config['name']}: {data['dataset']} {data['task']} {data['mode']}, mIoU % after the last step. "
-            "old/new/all exclude background (MiB convention); 'all (with bg)' includes it (WILSON's All). "
-            "'old kept' = final old-class mIoU / the step-0 model's.")
+            "old/new/all exclude background (MiB convention); 'all+bg' includes it (WILSON's All). "
+            "'step 0' = the shared step-0 model on the old classes; 'kept' = final old / step-0 old.")
     if expected.get("source"):
         text += f" Paper numbers: {expected['source']} ({expected.get('convention', '')})."
     return text

@@ -244,7 +244,7 @@ def run_experiment(config: dict) -> dict[str, dict]:
     steps = prepare(config)
     started = time.time()
     results = {name: run_method(config, name, steps) for name in config["methods"]}
-    rows = comparison_rows(config, steps, results)
+    rows = comparison_rows(config, results)
     out_dir = Path(config["output_dir"]) / config["name"]
     write_comparison(out_dir, config, rows)
     print_comparison(console, config, rows)

@@ -30,7 +30,8 @@ class IncrementalSegmentationModule(pl.LightningModule):
         self.weight_decay, self.poly_power = weight_decay, poly_power
         self.class_names = class_names
         self.__dict__["_old_network"] = None  # plain attribute, see the class docstring
-        self.test_confusion: np.ndarray | None = None
+        self.test_confusion: np.ndarray | None = None  # filled by a test run
+        self.test_iou: np.ndarray | None = None
         self.test_summary: dict | None = None
 
     # --- the old model ----------------------------------------------------------------------
