@@ -13,7 +13,9 @@ class TeacherCallback(pl.Callback):
        model: eval mode, no gradients, not a submodule (so not in the optimizer or the
        checkpoint), moved to the module's device when training starts;
     2. the classifier gets a new 1x1 head for the step's classes;
-    3. the method initialises it (e.g. MiB's background-based init).
+    3. the method initialises it (e.g. MiB's background-based init);
+    4. the method's extra modules of the step (WILSON's localizer) are created and registered
+       on the LightningModule, outside the network.
 
     Every DDP rank runs this from identical weights, so the old model is identical everywhere.
     """
@@ -34,6 +36,7 @@ class TeacherCallback(pl.Callback):
         n_old = network.classifier.num_classes
         network.classifier.add_step(self.num_new_classes)
         pl_module.method.init_new_classifier(network, pl_module.old_network, n_old)
+        pl_module.step_modules.update(pl_module.method.step_modules(network, n_old))
         self.done = True
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module) -> None:

@@ -32,9 +32,18 @@ def comparison_rows(config: dict, results: dict[str, dict]) -> list[dict]:
             "old": final["old_no_bg"], "new": final["new_no_bg"], "all": final["all_no_bg"],
             "all_with_bg": final["all_with_bg"], "hiou": final["hiou_no_bg"],
             "old_kept": final["old_no_bg"] / first["old_no_bg"] if first["old_no_bg"] else float("nan"),
-            "paper": "/".join(f"{paper[k]:.1f}" for k in ("old", "new", "all") if k in paper) if paper else "-",
+            "paper": _paper_cell(paper),
         })
     return rows
+
+
+def _paper_cell(paper: dict | None) -> str:
+    """old/new/all of the paper; "(All+bg)" when the paper's All includes background (WILSON's
+    convention), to be read against the all+bg column."""
+    if not paper:
+        return "-"
+    text = "/".join(f"{paper[k]:.1f}" for k in ("old", "new", "all") if k in paper)
+    return text + " (All+bg)" if paper.get("all_includes_background") else text
 
 
 def _columns(config: dict, steps) -> list[tuple[str, str]]:

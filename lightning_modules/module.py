@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from lightning_modules.methods.base import Method
@@ -30,6 +31,7 @@ class IncrementalSegmentationModule(pl.LightningModule):
         self.weight_decay, self.poly_power = weight_decay, poly_power
         self.class_names = class_names
         self.__dict__["_old_network"] = None  # plain attribute, see the class docstring
+        self.step_modules = nn.ModuleDict()  # the method's extra modules of this step (WILSON's localizer)
         self.test_confusion: np.ndarray | None = None  # filled by a test run
         self.test_iou: np.ndarray | None = None
         self.test_summary: dict | None = None
@@ -64,13 +66,15 @@ class IncrementalSegmentationModule(pl.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        groups = self.method.parameter_groups(self.network, self.lr)
+        groups = self.method.parameter_groups(self, self.lr)
         optimizer = torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum, nesterov=self.nesterov,
                                     weight_decay=self.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        power = self.poly_power
-        # Poly decay per iteration, lr * (1 - it / max_it) ** 0.9, as MiB and WILSON.
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: max(0.0, 1 - it / total) ** power)
+        per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
+        method, power = self.method, self.poly_power
+        # Per iteration, as MiB and WILSON: poly decay by default, WILSON's warm-up at its steps >= 1.
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda it: method.learning_rate_factor(self, it, total, per_epoch, power))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # --- testing ------------------------------------------------------------------------------

@@ -13,9 +13,9 @@ SUMMARY_KEYS = {"bg", "old_no_bg", "old_with_bg", "new_no_bg", "new_with_bg", "a
 
 def test_two_step_experiment_writes_results_and_reuses_step_zero(tiny_config, tmp_path):
     results = run.run_experiment(tiny_config)
-    assert set(results) == {"joint", "ft", "mib"}
+    assert set(results) == {"joint", "ft", "mib", "wilson"}
     out = tmp_path / "runs" / tiny_config["name"]
-    for method in ("joint", "ft", "mib"):
+    for method in ("joint", "ft", "mib", "wilson"):
         saved = json.loads((out / method / "results.json").read_text())
         assert saved["complete"] is True and saved["method"] == method
         assert [s["step"] for s in saved["steps"]] == [0, 1]
@@ -29,12 +29,13 @@ def test_two_step_experiment_writes_results_and_reuses_step_zero(tiny_config, tm
         header = (out / method / "metrics.csv").read_text().splitlines()[0].split(",")
         assert header[0] == "step" and "old_no_bg" in header
         assert len((out / method / "per_class_iou.csv").read_text().splitlines()) == 3
-    # step 0 was trained once (by the first method) and shared by the others
+    # the CE step 0 was trained once (by the first method) and shared by the others; WILSON's
+    # step 0 is trained with BCE, so it has its own
     trained = {m: results[m]["steps"][0]["trained"] for m in results}
-    assert trained == {"joint": True, "ft": False, "mib": False}
-    assert len({json.dumps(results[m]["steps"][0]["summary"]) for m in results}) == 1
+    assert trained == {"joint": True, "ft": False, "mib": False, "wilson": True}
+    assert len({json.dumps(results[m]["steps"][0]["summary"]) for m in ("joint", "ft", "mib")}) == 1
     table = (out / "comparison.md").read_text()
-    assert all(f"| {m} |" in table for m in ("joint", "ft", "mib"))
+    assert all(f"| {m} |" in table for m in ("joint", "ft", "mib", "wilson"))
 
     # A second run reuses the cached step-0 model for every method.
     again = run.run_experiment(apply_overrides(tiny_config, ["methods=[mib]"]))
@@ -81,11 +82,12 @@ def test_every_experiment_file_loads_and_names_its_methods():
     from lightning_modules.methods import build_method
 
     names = experiment_names()
-    assert {"synthetic_15_5_disjoint", "synthetic_15_5_overlap", "synthetic_15_1_overlap",
-            "voc_15_5_disjoint", "voc_15_5_overlap"} <= set(names)
+    assert {"synthetic_15_5_disjoint", "synthetic_15_5_overlap", "synthetic_15_1_overlap", "synthetic_10_10_disjoint",
+            "voc_15_5_disjoint", "voc_15_5_overlap", "voc_10_10_disjoint", "voc_10_10_overlap"} <= set(names)
     for name in names:
         config = resolve(load_experiment(name))
         for method, entry in config["methods"].items():
             build_method(method, **{k: v for k, v in (entry or {}).items() if k != "schedule"})
         for method, numbers in ((config.get("expected") or {}).get("methods") or {}).items():
-            assert method in config["methods"] and set(numbers) == {"old", "new", "all"}
+            assert method in config["methods"] and {"old", "new", "all"} <= set(numbers)
+            assert set(numbers) <= {"old", "new", "all", "all_includes_background", "source"}

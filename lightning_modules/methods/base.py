@@ -6,7 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-from lightning_modules.losses import cross_entropy
+from torch import nn
+
+from lightning_modules.losses import bce_one_hot, cross_entropy
+from lightning_modules.schedules import poly_factor
 
 
 @dataclass
@@ -45,12 +48,30 @@ class Method:
         """Called once the classifier has its new head, before the optimizer is built. The
         default keeps PyTorch's default initialisation of the new 1x1 conv."""
 
-    def parameter_groups(self, network, lr: float) -> list[dict]:
-        return [{"params": [p for p in network.parameters() if p.requires_grad], "lr": lr}]
+    def step_modules(self, network, n_old: int) -> dict[str, nn.Module]:
+        """Extra trainable modules for a step t >= 1 (e.g. WILSON's localizer), created after the
+        new head is added and registered on the LightningModule (`module.step_modules[name]`),
+        so Lightning moves, trains and checkpoints them; they are not part of the network, so
+        the next step's old model does not contain them."""
+        return {}
+
+    def parameter_groups(self, module, lr: float) -> list[dict]:
+        """Optimizer groups over the network and the step modules; by default one group at `lr`."""
+        params = [*module.network.parameters(), *module.step_modules.parameters()]
+        return [{"params": [p for p in params if p.requires_grad], "lr": lr}]
+
+    def learning_rate_factor(self, module, iteration: int, total_iterations: int, iterations_per_epoch: int,
+                             power: float) -> float:
+        """Multiplier of every group's lr at `iteration`; by default the poly decay."""
+        return poly_factor(iteration, total_iterations, power)
 
     def step0_training_loss(self, module, batch) -> tuple[torch.Tensor, dict]:
-        """Step 0 is fully supervised; with step0_loss "ce" this is the softmax cross-entropy."""
+        """Step 0 is fully supervised: softmax cross-entropy (step0_loss "ce") or per-class BCE
+        on one-hot targets (step0_loss "bce", WILSON), on the upsampled logits."""
         logits = module.network(batch["image"])["logits"]
+        if self.step0_loss == "bce":
+            loss = bce_one_hot(logits, batch["label"])
+            return loss, {"bce": loss}
         loss = cross_entropy(logits, batch["label"])
         return loss, {"ce": loss}
 
