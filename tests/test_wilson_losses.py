@@ -251,8 +251,11 @@ def test_balanced_self_training_loss_matches_the_formula():
     labels = torch.tensor([[1, 0], [0, 1], [1, 0]], dtype=torch.float64)  # new classes = channels 2, 3
     value = balanced_self_training_loss(logits, masks, labels)
     assert value.item() == pytest.approx(ref_balanced_self_training(logits, masks, labels), rel=1e-10)
-    # image 2 has weight 0, image 0 and 1 weight 1: dropping image 2's masks changes nothing
-    assert ref_balanced_self_training(logits, masks, labels) > 0
+    # image 2's masks miss its labelled class: weight 0, so its logits do not matter at all
+    changed = logits.clone()
+    changed[2] += 5.0
+    assert balanced_self_training_loss(changed, masks, labels).item() == pytest.approx(value.item(), rel=1e-12)
+    assert value.item() > 0
 
 
 def test_soft_segmentation_bce_matches_the_formula():
