@@ -17,7 +17,7 @@ SHELL := /bin/bash
 # pip prints one harmless line per package missing from the machine's local indexes.
 PIP_NOISE := grep -v "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: setup run test test-slow test-all clean-runs
+.PHONY: setup run data test test-slow test-all clean-runs
 
 setup: $(STAMP)
 
@@ -29,6 +29,11 @@ $(STAMP): pyproject.toml constraints.txt scripts/setup_torchvision.py scripts/_t
 
 run: setup
 	$(PY) -m experiments.run $(EXP) $(ARGS) $(if $(METHODS),methods=[$(METHODS)])
+
+# Download (resumable), verify, extract and prepare a benchmark under $DATA_ROOT (else ./data).
+DATASET ?= voc
+data: setup
+	$(PY) -m datamodules.prepare $(DATASET) $(if $(DATA_ROOT),--root $(DATA_ROOT))
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

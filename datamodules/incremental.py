@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules import datasets, splits
 from datamodules.datasets.voc import SplitFiles, load_image, load_mask
 from datamodules.labels import label_lookup, new_class_labels, remap
-from datamodules.presence import cached_presence
+from datamodules.presence import dataset_presence
 from datamodules.tasks import NUM_FOREGROUND, task_classes
 from datamodules.transforms import eval_transform, train_transform
 
@@ -97,11 +97,8 @@ class IncrementalSegmentationDataModule(pl.LightningDataModule):
             return
         located = datasets.locate(self.dataset, self.data_root, self.dataset_options)
         num_fg = NUM_FOREGROUND[self.dataset]
-        cache = located.root / ".presence"
-        self.train_presence = cached_presence(cache / "train.npz", located.train.masks, num_fg)
-        self.test_presence = cached_presence(cache / "test.npz", located.test.masks, num_fg)
-        select = splits.select_images if self.training_images == "step" else splits.select_cumulative_images
-        self.train_indices = select(self.train_presence, self.steps, self.step, self.mode)
+        self.train_presence, self.test_presence = dataset_presence(located, num_fg)
+        self.train_indices = self._train_rows(located)
         self.test_indices = splits.select_test_images(self.test_presence, self.steps, self.step, self.test_images)
         unlabeled = located.background_is_unlabeled
         train_tf = train_transform(self.crop_size, self.train_scale)
@@ -120,6 +117,19 @@ class IncrementalSegmentationDataModule(pl.LightningDataModule):
         if len(self.train_set) < 2:
             raise ValueError(f"step {self.step} of {self.dataset} {self.mode} has {len(self.train_set)} training "
                              "images; at least 2 are needed (batch norm)")
+
+    def _train_rows(self, located) -> np.ndarray:
+        """The rows that train this step: the dataset's own rule when it has one (COCO-to-VOC's
+        split files, a user-supplied ADE partition), else PROTOCOL.md §3's rule for `mode`;
+        Joint ("cumulative") takes the union over steps 0..step."""
+        def rows_of(step: int) -> np.ndarray:
+            if located.train_rows is not None:
+                return np.asarray(located.train_rows(self.train_presence, self.steps, step, self.mode), dtype=np.int64)
+            return splits.select_images(self.train_presence, self.steps, step, self.mode)
+
+        if self.training_images == "step":
+            return rows_of(self.step)
+        return np.unique(np.concatenate([rows_of(s) for s in range(self.step + 1)]))
 
     def train_dataloader(self) -> DataLoader:
         # drop_last: a last batch of one image breaks batch norm in DeepLab's pooling branch.

@@ -34,15 +34,20 @@ from experiments.report import comparison_rows, print_comparison, write_comparis
 from lightning_modules.methods import build_method
 from lightning_modules.metrics import summarize_run
 from lightning_modules.module import IncrementalSegmentationModule
-from lightning_modules.network import SegmentationNetwork
+from lightning_modules.network import PretrainedWeightsUnavailable, SegmentationNetwork
 
 STEP0_CACHE_VERSION = 1
 console = Console()
 
 
 # --- building blocks ------------------------------------------------------------------------
-def build_network(config: dict, classes_per_step: list[int]) -> SegmentationNetwork:
-    return SegmentationNetwork(classes_per_step, **config["network"])
+def build_network(config: dict, classes_per_step: list[int], pretrained: bool = True) -> SegmentationNetwork:
+    """The configured network. pretrained=False skips the encoder weights: the network is about to
+    receive a saved state (a cached step-0 model), so nothing should be downloaded for it."""
+    settings = dict(config["network"])
+    if not pretrained:
+        settings["encoder_weights"] = None
+    return SegmentationNetwork(classes_per_step, **settings)
 
 
 def build_datamodule(config: dict, method, steps, step: int) -> IncrementalSegmentationDataModule:
@@ -82,7 +87,10 @@ def build_trainer(config: dict, epochs: int, logger, callbacks: list) -> pl.Trai
         precision=trainer_cfg.get("precision", "32-true"), enable_checkpointing=False,
         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
         log_every_n_steps=trainer_cfg.get("log_every_n_steps", 10), default_root_dir=config["output_dir"],
-        deterministic=trainer_cfg.get("deterministic", False))
+        deterministic=trainer_cfg.get("deterministic", False),
+        # A few batches per epoch and per test: the smoke test of every experiment file.
+        limit_train_batches=trainer_cfg.get("limit_train_batches", 1.0),
+        limit_test_batches=trainer_cfg.get("limit_test_batches", 1.0))
 
 
 def wandb_mode(setting: str) -> str:
@@ -177,7 +185,7 @@ def run_method(config: dict, method_name: str, steps) -> dict:
     if cache.exists():
         console.print(f"[bold]{method_name}[/]: step 0 from cache {cache}")
         saved = torch.load(cache, map_location="cpu", weights_only=True)
-        network = build_network(config, saved["classes_per_step"])
+        network = build_network(config, saved["classes_per_step"], pretrained=False)
         network.load_state_dict(saved["state_dict"])
         network, record, is_main = run_step(config, method, entry, steps, 0, network, logger, names, train=False)
     else:
@@ -282,7 +290,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, datasets.DatasetMissing) as error:  # ConfigError is a ValueError
         console.print(f"[red]error:[/] {error}", soft_wrap=True)
         return 1
-    run_experiment(config)
+    try:
+        run_experiment(config)
+    except PretrainedWeightsUnavailable as error:
+        console.print(f"[red]error:[/] {error}", soft_wrap=True)
+        return 1
     return 0
 
 

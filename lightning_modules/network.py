@@ -16,6 +16,10 @@ from torch import nn
 ARCHITECTURES = {"deeplabv3": smp.DeepLabV3, "deeplabv3plus": smp.DeepLabV3Plus}
 
 
+class PretrainedWeightsUnavailable(RuntimeError):
+    """The configured encoder weights cannot be loaded (no network and no cached copy)."""
+
+
 class IncrementalClassifier(nn.Module):
     """One 1x1 conv per step; logits in channel order [bg, step-0 classes, step-1 classes, ...]."""
 
@@ -55,10 +59,19 @@ class SegmentationNetwork(nn.Module):
         super().__init__()
         if arch not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {arch!r}; available: {', '.join(ARCHITECTURES)}")
-        model = ARCHITECTURES[arch](
-            encoder_name=encoder, encoder_depth=encoder_depth, encoder_weights=encoder_weights,
-            encoder_output_stride=output_stride, decoder_channels=decoder_channels,
-            decoder_atrous_rates=tuple(atrous_rates), decoder_aspp_dropout=aspp_dropout, classes=1)
+        try:
+            model = ARCHITECTURES[arch](
+                encoder_name=encoder, encoder_depth=encoder_depth, encoder_weights=encoder_weights,
+                encoder_output_stride=output_stride, decoder_channels=decoder_channels,
+                decoder_atrous_rates=tuple(atrous_rates), decoder_aspp_dropout=aspp_dropout, classes=1)
+        except (OSError, ConnectionError) as error:  # huggingface_hub / urllib errors are OSErrors
+            if encoder_weights is None:
+                raise
+            raise PretrainedWeightsUnavailable(
+                f"the {encoder_weights!r} weights of encoder {encoder!r} are neither cached nor downloadable "
+                f"here ({type(error).__name__}). Run once with network access to cache them (smp stores them "
+                "in the Hugging Face / torch hub cache), or set network.encoder_weights=null to train from "
+                "scratch on purpose") from None
         self.encoder, self.decoder = model.encoder, model.decoder
         self.output_stride = output_stride
         self.classifier = IncrementalClassifier(model.segmentation_head[0].in_channels, classes_per_step)

@@ -90,4 +90,4 @@ def test_every_experiment_file_loads_and_names_its_methods():
             build_method(method, **{k: v for k, v in (entry or {}).items() if k != "schedule"})
         for method, numbers in ((config.get("expected") or {}).get("methods") or {}).items():
             assert method in config["methods"] and {"old", "new", "all"} <= set(numbers)
-            assert set(numbers) <= {"old", "new", "all", "all_includes_background", "source"}
+            assert set(numbers) <= {"old", "new", "all", "all_includes_background", "source", "new_groups"}

@@ -1,4 +1,5 @@
 """The network: the papers' DeepLabV3 configuration, feature taps, and the incremental classifier."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -32,3 +33,12 @@ def test_incremental_classifier_channel_order_and_upsampling():
     torch.testing.assert_close(out["logits_lowres"][:, 3:5], heads[1])  # step-1 classes are channels 3, 4
     expected = F.interpolate(out["logits_lowres"], size=(32, 32), mode="bilinear", align_corners=False)
     torch.testing.assert_close(out["logits"], expected)
+
+
+def test_unavailable_pretrained_weights_stop_with_a_clear_message(monkeypatch):
+    """No network (HF_HUB_OFFLINE, set for every test) and no cached copy: one clear error that
+    says how to fix it, never a silent run from scratch."""
+    from lightning_modules.network import PretrainedWeightsUnavailable
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PretrainedWeightsUnavailable, match="encoder_weights=null"):
+        SegmentationNetwork([3], encoder="resnet18", encoder_weights="imagenet")

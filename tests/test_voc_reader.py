@@ -1,12 +1,16 @@
-"""The VOC reader on a tiny generated directory in the real VOC(+SBD) layout."""
+"""The VOC reader on a tiny generated directory in the real VOC(+SBD) layout, and check_voc."""
 import numpy as np
 import pytest
 
 from datamodules import datasets
-from datamodules.datasets.voc import load_image, load_mask, read_split
+from datamodules.datasets.voc import check_voc, load_image, load_mask, prepare_voc_aug, read_split
 from datamodules.incremental import IncrementalSegmentationDataModule
 from datamodules.presence import cached_presence
 from tests.conftest import write_voc_tree
+from tests.fake_datasets import make_voc_sbd_tree
+
+# The tiny tree's split sizes: the locator checks them as it checks the real 10,582 / 1,449.
+TINY_COUNTS = {"expected_counts": {"train_aug": 4, "val": 2}}
 
 
 def _mask(*classes, size=32):
@@ -39,7 +43,7 @@ def voc_root(tmp_path):
 
 def test_reader_finds_files_in_list_order_and_masks_round_trip(voc_root):
     data_root, root, train, val = voc_root
-    located = datasets.locate("voc", data_root)
+    located = datasets.locate("voc", data_root, TINY_COUNTS)
     assert located.root == root
     assert located.train.ids == list(train) and located.test.ids == list(val)
     assert located.train.masks[1] == root / "SegmentationClassAug" / "2007_000002.png"
@@ -50,7 +54,7 @@ def test_reader_finds_files_in_list_order_and_masks_round_trip(voc_root):
 
 def test_presence_table_from_the_masks_and_its_cache(voc_root, tmp_path):
     data_root, root, train, _ = voc_root
-    located = datasets.locate("voc", data_root)
+    located = datasets.locate("voc", data_root, TINY_COUNTS)
     presence = cached_presence(tmp_path / "cache" / "train.npz", located.train.masks, 20)
     expected = np.zeros((4, 20), bool)
     for row, classes in enumerate([(1, 16), (17,), (3,), (15, 2, 20)]):
@@ -75,7 +79,8 @@ def test_a_malformed_list_line_is_reported_with_its_line_number(tmp_path):
 def test_voc_datamodule_15_5_disjoint_on_the_tiny_tree(voc_root):
     data_root, *_ = voc_root
     dm = IncrementalSegmentationDataModule(dataset="voc", data_root=data_root, task="15-5", mode="disjoint",
-                                           step=1, batch_size=2, crop_size=32, num_workers=0)
+                                           step=1, batch_size=2, crop_size=32, num_workers=0,
+                                           dataset_options=TINY_COUNTS)
     dm.setup("fit")
     # step 1 (16-20) disjoint: images with 16..20 and nothing unseen -> rows 0, 1, 3
     assert dm.train_indices.tolist() == [0, 1, 3]
@@ -83,3 +88,70 @@ def test_voc_datamodule_15_5_disjoint_on_the_tiny_tree(voc_root):
     assert dm.test_indices.tolist() == [0, 1]
     sample = dm.train_set[0]  # row 0 holds classes 1 (old -> 0) and 16 (channel 16)
     assert set(np.unique(sample["label"].numpy())) <= {0, 16}
+
+
+# --- check_voc: one line naming the missing piece ----------------------------------------------
+@pytest.fixture
+def prepared(tmp_path):
+    fake = make_voc_sbd_tree(tmp_path / "data", seed=1)
+    counts = prepare_voc_aug(fake.voc_root, fake.sbd_root, progress=False)
+    return fake, {"train_aug": counts["train_aug"], "val": len(fake.voc_val)}
+
+
+def _error(root, expected_counts):
+    with pytest.raises(datasets.DatasetMissing) as raised:
+        check_voc(root, expected_counts)
+    message = str(raised.value)
+    assert "\n" not in message and str(root) in message
+    return message
+
+
+def test_check_voc_passes_a_complete_tree_and_returns_the_counts(prepared):
+    fake, counts = prepared
+    assert check_voc(fake.voc_root, counts) == counts
+    assert check_voc(fake.voc_root, None) == counts  # no count check
+
+
+def test_check_voc_names_a_missing_directory(prepared, tmp_path):
+    fake, counts = prepared
+    assert "the directory does not exist" in _error(tmp_path / "VOC2012", counts)
+    (fake.voc_root / "SegmentationClassAug").rename(fake.voc_root / "elsewhere")
+    assert "missing SegmentationClassAug/." in _error(fake.voc_root, counts)
+
+
+def test_check_voc_names_a_missing_list_file(prepared):
+    fake, counts = prepared
+    (fake.voc_root / "ImageSets" / "Segmentation" / "train_aug.txt").unlink()
+    assert "missing ImageSets/Segmentation/train_aug.txt." in _error(fake.voc_root, counts)
+
+
+def test_check_voc_counts_missing_masks_and_images_and_shows_the_first_ids(prepared):
+    fake, counts = prepared
+    train_aug = read_split(fake.voc_root, "train_aug.txt", "SegmentationClassAug").ids
+    for image_id in train_aug[3:6]:
+        (fake.voc_root / "SegmentationClassAug" / f"{image_id}.png").unlink()
+    (fake.voc_root / "JPEGImages" / f"{fake.voc_val[2]}.jpg").unlink()
+    message = _error(fake.voc_root, counts)
+    n = counts["train_aug"]
+    assert f"3 of {n} train_aug masks missing in SegmentationClassAug/ ({', '.join(train_aug[3:6])})" in message
+    assert f"1 of {counts['val']} val images missing in JPEGImages/ ({fake.voc_val[2]})" in message
+    for image_id in train_aug[6:12]:  # more than five: the list is cut
+        (fake.voc_root / "SegmentationClassAug" / f"{image_id}.png").unlink()
+    assert f"9 of {n} train_aug masks missing in SegmentationClassAug/ ({', '.join(train_aug[3:8])}, ...)" \
+        in _error(fake.voc_root, counts)
+
+
+def test_check_voc_names_the_list_whose_count_differs(prepared):
+    fake, counts = prepared
+    message = _error(fake.voc_root, {**counts, "train_aug": 10582})
+    assert f"ImageSets/Segmentation/train_aug.txt lists {counts['train_aug']} images, expected 10,582" in message
+    assert "val.txt" not in message
+
+
+def test_voc_locator_checks_the_real_counts_unless_told_otherwise(prepared):
+    fake, counts = prepared
+    with pytest.raises(datasets.DatasetMissing, match=r"train_aug.txt lists \d+ images, expected 10,582; "
+                                                      r".*val.txt lists 8 images, expected 1,449"):
+        datasets.locate("voc", fake.data_root)
+    assert len(datasets.locate("voc", fake.data_root, {"check_counts": False}).train) == counts["train_aug"]
+    assert len(datasets.locate("voc", fake.data_root, {"expected_counts": counts}).test) == counts["val"]

@@ -1,0 +1,153 @@
+"""Every experiment file in experiments/ loads, resolves, and runs: a smoke pass of a few batches
+per step on generated data in its dataset's real layout, so that no experiment file can rot.
+
+The fast tier checks every file's configuration, methods, task, dataset layout and the images
+of every step; the slow tier (CI) runs every file end to end, one batch or two per step.
+"""
+import copy
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from datamodules.datasets import coco as coco_dataset
+from datamodules.incremental import IncrementalSegmentationDataModule
+from datamodules.tasks import NUM_FOREGROUND, task_classes
+from experiments import run
+from experiments.config import experiment_names, load_experiment, resolve
+from lightning_modules.network import SegmentationNetwork
+from tests.conftest import write_voc_tree
+from tests.fake_coco import make_coco_voc_tree
+
+SIZE = 32
+
+
+def _single_class_sample(rng, cls: int) -> tuple[np.ndarray, np.ndarray]:
+    """A random image whose mask holds one object of class `cls` (with a void border) on class 0."""
+    image = rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    top, left = rng.integers(2, 12, size=2)
+    mask[top - 1:top + 15, left - 1:left + 15] = 255
+    mask[top:top + 14, left:left + 14] = cls
+    return image, mask
+
+
+def make_voc_coverage_tree(data_root):
+    """A prepared VOC tree (SegmentationClassAug + train_aug.txt, val.txt) in which every class has
+    images of its own, so every step of every VOC task has training and test images."""
+    rng = np.random.default_rng(0)
+    voc = data_root / "VOCdevkit" / "VOC2012"
+    train = {f"2007_{cls:04d}{k}": _single_class_sample(rng, cls) for cls in range(1, 21) for k in range(2)}
+    val = {f"2008_{cls:04d}0": _single_class_sample(rng, cls) for cls in range(1, 21)}
+    write_voc_tree(voc, train, {"train_aug.txt": list(train)}, mask_dir="SegmentationClassAug")
+    write_voc_tree(voc, val, {"val.txt": list(val)}, mask_dir="SegmentationClass")
+
+
+def make_ade_coverage_tree(data_root):
+    """ADEChallengeData2016 in miniature: two training images and one validation image per class
+    (greyscale annotations, 0 = unlabeled, no void)."""
+    rng = np.random.default_rng(0)
+    ade = data_root / "ADEChallengeData2016"
+    for split, directory, per_class in (("train", "training", 2), ("val", "validation", 1)):
+        (ade / "images" / directory).mkdir(parents=True)
+        (ade / "annotations" / directory).mkdir(parents=True)
+        for cls in range(1, 151):
+            for k in range(per_class):
+                image, mask = _single_class_sample(rng, cls)
+                mask[mask == 255] = 0
+                name = f"ADE_{split}_{cls * 10 + k:08d}"
+                Image.fromarray(image).save(ade / "images" / directory / f"{name}.jpg")
+                Image.fromarray(mask, mode="L").save(ade / "annotations" / directory / f"{name}.png")
+
+
+@pytest.fixture(scope="module")
+def data_roots(tmp_path_factory):
+    """One generated data root per dataset of the experiment files."""
+    roots = {"synthetic": tmp_path_factory.mktemp("synthetic")}
+    roots["voc"] = tmp_path_factory.mktemp("voc")
+    make_voc_coverage_tree(roots["voc"])
+    roots["ade"] = tmp_path_factory.mktemp("ade")
+    make_ade_coverage_tree(roots["ade"])
+    roots["coco-voc"] = tmp_path_factory.mktemp("coco")
+    make_coco_voc_tree(roots["coco-voc"], n_coco_train=16, n_coco_val=6, n_voc_train=8, n_voc_val=4)
+    coco_dataset.prepare_coco_voc(roots["coco-voc"], progress=False, workers=1)
+    return roots
+
+
+def smoke_config(name: str, data_root, tmp_path) -> dict:
+    """Experiment `name` shrunk to seconds: its data, task, mode, methods and their settings, on
+    the generated tree, with a tiny network and one epoch of at most two batches per step."""
+    config = load_experiment(name)
+    config = copy.deepcopy(config)
+    data = config["data"]
+    data.update(root=str(data_root), crop_size=SIZE, batch_size=4, test_batch_size=8, num_workers=0)
+    data["options"] = dict(data.get("options") or {})
+    if data["dataset"] == "synthetic":
+        data["options"]["synthetic"] = {"train": 48, "val": 16, "size": 40, "seed": 0}
+    else:
+        data["options"]["check_counts"] = False  # the real counts are checked in the dataset tests
+    config["network"] = {"arch": "deeplabv3", "encoder": "tu-resnet10t", "encoder_depth": 3, "output_stride": 8,
+                         "atrous_rates": [2, 4, 6], "decoder_channels": 16, "aspp_dropout": 0.0,
+                         "encoder_weights": None}
+    config["schedule"] = {"step0": {"epochs": 1, "lr": 0.01}, "incremental": {"epochs": 1, "lr": 0.001}}
+    for entry in (config.get("methods") or {}).values():
+        if entry and "schedule" in entry:
+            entry["schedule"] = {**entry["schedule"], "epochs": 1}
+    config["trainer"] = {**(config.get("trainer") or {}), "devices": 1, "limit_train_batches": 2,
+                         "limit_test_batches": 1, "accelerator": "cpu"}
+    config["logger"] = {"wandb": "disabled", "project": "ciss"}
+    config.update(output_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"))
+    return resolve(config)
+
+
+EXPERIMENTS = experiment_names()
+
+
+def test_the_suite_has_every_paper_setting():
+    expected = {"voc_15_5_disjoint", "voc_15_5_overlap", "voc_15_1_disjoint", "voc_15_1_overlap",
+                "voc_10_10_disjoint", "voc_10_10_overlap", "voc_10_1_disjoint", "voc_10_1_overlap",
+                "voc_19_1_disjoint", "voc_19_1_overlap", "voc_5_3_disjoint", "voc_5_3_overlap",
+                "ade_100_50_overlap", "ade_100_10_overlap", "ade_100_5_overlap", "ade_50_50_overlap", "coco_voc"}
+    assert expected <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_file_is_complete_and_every_step_has_data(name, data_roots, tmp_path):
+    """The file resolves; its methods accept their settings; its expected numbers name a source and
+    a convention; its network builds; and on a tree in its dataset's layout every step of its task
+    selects training and test images."""
+    original = resolve(load_experiment(name))
+    assert original["description"]
+    expected = original.get("expected")
+    if expected and expected.get("methods"):
+        assert expected["source"] and expected["convention"], f"{name}: expected numbers need a source and convention"
+        assert set(expected["methods"]) <= set(original["methods"]) | {"plop", "sdr", "recall", "mbs"}
+    SegmentationNetwork([len(task_classes(original["data"]["dataset"], original["data"]["task"])[0])],
+                        **{**original["network"], "encoder_weights": None})
+    config = smoke_config(name, data_roots[original["data"]["dataset"]], tmp_path)
+    steps = run.prepare(config)
+    data = config["data"]
+    for step in range(len(steps)):
+        module = IncrementalSegmentationDataModule(
+            dataset=data["dataset"], data_root=data["root"], task=data["task"], mode=data["mode"], step=step,
+            crop_size=SIZE, test_images=data.get("test_images", "seen"), num_workers=0,
+            dataset_options=data["options"])
+        module.setup()
+        assert len(module.train_set) >= 2 and len(module.test_set) >= 1, f"{name} step {step}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_file_runs_end_to_end(name, data_roots, tmp_path):
+    """Every method of the file through every step (one epoch of two batches each), with results
+    written: the run loop, the methods and the data of the file work together."""
+    config = smoke_config(name, data_roots[load_experiment(name)["data"]["dataset"]], tmp_path)
+    results = run.run_experiment(config)
+    steps = task_classes(config["data"]["dataset"], config["data"]["task"])
+    assert set(results) == set(config["methods"])
+    for method, result in results.items():
+        assert result["complete"] and len(result["steps"]) == len(steps)
+        saved = json.loads((tmp_path / "runs" / config["name"] / method / "results.json").read_text())
+        assert saved["complete"]
+        assert NUM_FOREGROUND[config["data"]["dataset"]] >= len(saved["steps"][-1]["iou"]) - 1
