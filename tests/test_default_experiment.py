@@ -1,4 +1,4 @@
-"""Accuracy tier (slow, ~9 min on 2 cores): the default experiment shows the field's basic result.
+"""Accuracy tier (slow, ~8.5 min on 2 cores): the default experiment shows the field's basic result.
 
 Run by `make test-slow` / `make test-all` and by CI. If a change to the embedded data, the network
 or a schedule breaks one of these, the default `make run` no longer shows what it promises.
@@ -17,7 +17,7 @@ def test_ft_forgets_mib_remembers_joint_is_best_wilson_learns_from_image_labels(
     results = run.run_experiment(resolve(config))
     step0_old = results["ft"]["steps"][0]["summary"]["old_no_bg"]
     final = {m: r["final"] for m, r in results.items()}
-    assert step0_old > 0.3, "the step-0 model itself is too weak to show forgetting"
+    assert step0_old > 0.25, "the step-0 model itself is too weak to show forgetting"
     assert final["ft"]["old_no_bg"] < 0.5 * step0_old, "FT should collapse on the old classes"
     assert final["mib"]["old_no_bg"] >= 0.75 * step0_old, "MiB should keep three quarters of the old classes"
     assert final["joint"]["all_no_bg"] > max(final["ft"]["all_no_bg"], final["mib"]["all_no_bg"])
