@@ -17,7 +17,7 @@ SHELL := /bin/bash
 # pip prints one harmless line per package missing from the machine's local indexes.
 PIP_NOISE := grep -v "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: setup run data test test-slow test-all clean-runs
+.PHONY: setup run data compare sweep sweep-setup test test-slow test-all clean-runs
 
 setup: $(STAMP)
 
@@ -29,6 +29,21 @@ $(STAMP): pyproject.toml constraints.txt scripts/setup_torchvision.py scripts/_t
 
 run: setup
 	$(PY) -m experiments.run $(EXP) $(ARGS) $(if $(METHODS),methods=[$(METHODS)])
+
+# Seed-averaged paper-style table: of EXP when given, else of every experiment under runs/.
+compare: setup
+	$(PY) -m experiments.compare $(if $(filter command line environment,$(origin EXP)),$(EXP)) $(COMPARE_ARGS)
+
+# Hyper-parameter sweep experiments/sweeps/$(SWEEP).yaml: on wandb when logged in, LOCAL=1 runs it here
+# (COUNT=n runs at most; EXP= another experiment; ARGS= overrides appended to every run).
+SWEEP ?= mib_kd
+sweep: setup
+	$(PY) -m experiments.sweep $(SWEEP) $(if $(LOCAL),--local) $(if $(COUNT),--count $(COUNT)) $(if $(filter command line environment,$(origin EXP)),--experiment $(EXP)) $(if $(ARGS),-- $(ARGS))
+
+# Optional: wandb's search algorithms, for local bayes sweeps (sweeps declares numpy<2, hence --no-deps).
+sweep-setup: setup
+	$(PY) -m pip install --quiet --no-deps sweeps==0.3.0
+	$(PY) -m pip install --quiet jsonschema==4.26.0 jsonref==1.1.0 scikit-learn==1.9.1
 
 # Download (resumable), verify, extract and prepare a benchmark under $DATA_ROOT (else ./data).
 DATASET ?= voc

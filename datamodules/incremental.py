@@ -54,6 +54,14 @@ class ImageLabelled(Dataset):
         return {"image": out["image"], "new_class_labels": torch.from_numpy(self.labels[i]), "index": row}
 
 
+def validation_rows(num_rows: int, fraction: float, seed: int = 0) -> np.ndarray:
+    """The train rows held out for validation (hyper-parameter selection, never the test set:
+    PROTOCOL.md §5): a fixed random `fraction` of the whole train split, the same at every step
+    and for every method, so no step ever trains on them. Sorted; empty for fraction 0."""
+    count = int(round(fraction * num_rows))
+    return np.sort(np.random.default_rng(seed).permutation(num_rows)[:count]).astype(np.int64)
+
+
 class IncrementalSegmentationDataModule(pl.LightningDataModule):
     """Data of step `step` of `task` on `dataset`.
 
@@ -70,7 +78,8 @@ class IncrementalSegmentationDataModule(pl.LightningDataModule):
                  batch_size: int = 24, test_batch_size: int | None = None, crop_size: int = 512,
                  train_scale=(0.5, 2.0), eval_mode: str = "center_crop", test_images: str = "seen",
                  void_as_background: bool = True, future_classes_in_test: str = "ignore",
-                 size_divisor: int = 16, num_workers: int = 2, dataset_options: dict | None = None):
+                 size_divisor: int = 16, num_workers: int = 2, dataset_options: dict | None = None,
+                 validation_fraction: float = 0.0):
         super().__init__()
         if supervision not in SUPERVISIONS:
             raise ValueError(f"unknown supervision {supervision!r}; expected one of {SUPERVISIONS}")
@@ -87,7 +96,10 @@ class IncrementalSegmentationDataModule(pl.LightningDataModule):
         self.test_images, self.void_as_background = test_images, void_as_background
         self.future_classes_in_test, self.size_divisor = future_classes_in_test, size_divisor
         self.num_workers, self.dataset_options = num_workers, dataset_options or {}
-        self.train_set = self.test_set = None
+        if not 0.0 <= validation_fraction < 1.0:
+            raise ValueError(f"validation_fraction must be in [0, 1), not {validation_fraction}")
+        self.validation_fraction = validation_fraction
+        self.train_set = self.test_set = self.val_set = None
 
     def prepare_data(self) -> None:
         datasets.locate(self.dataset, self.data_root, self.dataset_options)  # generate or fail early
@@ -99,6 +111,8 @@ class IncrementalSegmentationDataModule(pl.LightningDataModule):
         num_fg = NUM_FOREGROUND[self.dataset]
         self.train_presence, self.test_presence = dataset_presence(located, num_fg)
         self.train_indices = self._train_rows(located)
+        held_out = validation_rows(len(located.train), self.validation_fraction)
+        self.train_indices = np.setdiff1d(self.train_indices, held_out)
         self.test_indices = splits.select_test_images(self.test_presence, self.steps, self.step, self.test_images)
         unlabeled = located.background_is_unlabeled
         train_tf = train_transform(self.crop_size, self.train_scale)
@@ -112,8 +126,13 @@ class IncrementalSegmentationDataModule(pl.LightningDataModule):
             self.train_set = PixelLabelled(located.train, self.train_indices, lookup, train_tf)
         test_lookup = label_lookup(self.steps, self.step, "test", future_classes=self.future_classes_in_test,
                                    background_is_unlabeled=unlabeled)
-        self.test_set = PixelLabelled(located.test, self.test_indices, test_lookup,
-                                      eval_transform(self.crop_size, self.eval_mode, self.size_divisor))
+        eval_tf = eval_transform(self.crop_size, self.eval_mode, self.size_divisor)
+        self.test_set = PixelLabelled(located.test, self.test_indices, test_lookup, eval_tf)
+        if len(held_out):
+            # Scored like the test set (every seen class kept), on training images no step trains on.
+            seen = splits.select_test_images(self.train_presence[held_out], self.steps, self.step, "seen")
+            self.val_indices = held_out[seen]
+            self.val_set = PixelLabelled(located.train, self.val_indices, test_lookup, eval_tf)
         if len(self.train_set) < 2:
             raise ValueError(f"step {self.step} of {self.dataset} {self.mode} has {len(self.train_set)} training "
                              "images; at least 2 are needed (batch norm)")
@@ -135,6 +154,15 @@ class IncrementalSegmentationDataModule(pl.LightningDataModule):
         # drop_last: a last batch of one image breaks batch norm in DeepLab's pooling branch.
         return DataLoader(self.train_set, batch_size=min(self.batch_size, len(self.train_set)), shuffle=True,
                           drop_last=True, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          pin_memory=torch.cuda.is_available())
+
+    def validation_dataloader(self) -> DataLoader:
+        # Not Lightning's `val_dataloader`: the held-out images are scored once after each step
+        # (experiments.run), not during fit.
+        if self.val_set is None:
+            raise ValueError("no validation images: set data.validation_fraction > 0")
+        batch = 1 if self.eval_mode == "full" else self.test_batch_size
+        return DataLoader(self.val_set, batch_size=batch, shuffle=False, num_workers=self.num_workers,
                           pin_memory=torch.cuda.is_available())
 
     def test_dataloader(self) -> DataLoader:

@@ -17,6 +17,11 @@ EXPERIMENTS_DIR = Path(__file__).resolve().parent
 FREE_FORM = ("methods.", "data.options.", "expected.")
 
 
+# Settings every experiment has, so that they can be overridden from any file: the held-out
+# share of the training images for hyper-parameter searches (0: none, the papers' protocol).
+DEFAULTS = {"data": {"validation_fraction": 0.0}}
+
+
 class ConfigError(ValueError):
     """A bad experiment name, override or value; the message is one line for the user."""
 
@@ -50,7 +55,7 @@ def load_experiment(name: str) -> dict:
         config = _merge(base, config)
         config["based_on"] = base["name"]
     config["name"] = path.stem
-    return config
+    return _merge(DEFAULTS, config)
 
 
 def _set(config: dict, dotted: str, value) -> None:

@@ -25,6 +25,7 @@ import torch
 import yaml
 from rich.console import Console
 
+from callbacks.figures import log_figures_to_wandb, plot_per_class_iou, write_experiment_figures
 from callbacks.teacher import TeacherCallback
 from datamodules import datasets
 from datamodules.incremental import IncrementalSegmentationDataModule
@@ -60,7 +61,7 @@ def build_datamodule(config: dict, method, steps, step: int) -> IncrementalSegme
         test_images=data.get("test_images", "seen"), void_as_background=data.get("void_as_background", True),
         future_classes_in_test=data.get("future_classes_in_test", "ignore"),
         size_divisor=config["network"].get("output_stride", 16), num_workers=loader_workers(data.get("num_workers", "auto")),
-        dataset_options=data.get("options") or {})
+        dataset_options=data.get("options") or {}, validation_fraction=data.get("validation_fraction", 0.0))
 
 
 def loader_workers(setting) -> int:
@@ -135,6 +136,7 @@ def step0_cache_path(config: dict, method, steps) -> Path:
         "crop_size": data["crop_size"], "train_scale": data.get("train_scale"),
         "void_as_background": data.get("void_as_background", True), "seed": config["seed"],
         "precision": (config.get("trainer") or {}).get("precision", "32-true"),
+        "validation_fraction": data.get("validation_fraction", 0.0),
     }
     digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return Path(config["cache_dir"]) / f"step0-{digest}.pt"
@@ -162,12 +164,19 @@ def run_step(config, method, method_entry, steps, step, network, logger, names, 
     if train:
         trainer.fit(module, datamodule=datamodule)
     train_seconds = time.time() - started
+    validation = None
+    datamodule.setup("test")  # idempotent; a cached step 0 has not been through fit's setup
+    if datamodule.val_set is not None:
+        module.evaluation_split = "val"
+        trainer.test(module, dataloaders=datamodule.validation_dataloader(), verbose=False)
+        validation = {"images": len(datamodule.val_set), "summary": module.test_summary}
+        module.evaluation_split = "test"
     trainer.test(module, datamodule=datamodule, verbose=False)
     record = {
         "step": step, "classes": steps[step], "trained": train, "train_images": len(datamodule.train_set),
         "test_images": len(datamodule.test_set), "train_seconds": round(train_seconds, 1),
         "iou": {module.class_names[i]: (None if math.isnan(v) else float(v)) for i, v in enumerate(module.test_iou)},
-        "summary": module.test_summary, "confusion": module.test_confusion.tolist(),
+        "summary": module.test_summary, "confusion": module.test_confusion.tolist(), "validation": validation,
     }
     return module.network, record, trainer.is_global_zero
 
@@ -175,7 +184,8 @@ def run_step(config, method, method_entry, steps, step, network, logger, names, 
 def run_method(config: dict, method_name: str, steps) -> dict:
     entry = dict(config["methods"][method_name] or {})
     method = build_method(method_name, **{k: v for k, v in entry.items() if k != "schedule"})
-    run_dir = Path(config["output_dir"]) / config["name"] / method_name
+    # One directory per seed, so that repeated runs are kept side by side for `make compare`.
+    run_dir = Path(config["output_dir"]) / config["name"] / method_name / f"seed{config['seed']}"
     names = datasets.class_names(config["data"]["dataset"], config["data"].get("options"))
     logger = build_logger(config, method_name, run_dir)
     results = {"experiment": config["name"], "method": method_name, "hparams": method.hparams(),
@@ -203,10 +213,19 @@ def run_method(config: dict, method_name: str, steps) -> dict:
         results["steps"].append(record)
         _write_results(run_dir, results, is_main)
     results["final"] = summarize_run([r["summary"] for r in results["steps"]])
+    if all(r.get("validation") for r in results["steps"]):
+        # What a hyper-parameter search optimises (final/val/...): held-out training images.
+        results["final_validation"] = summarize_run([r["validation"]["summary"] for r in results["steps"]])
     results["complete"] = True
     _write_results(run_dir, results, is_main)
+    if is_main:
+        figure = plot_per_class_iou(results, run_dir / "per_class_iou.png")
+        if logger:
+            log_figures_to_wandb({"figures/per_class_iou": figure}, logger)
     if logger:
         logger.experiment.summary.update({f"final/{k}": v for k, v in results["final"].items() if not math.isnan(v)})
+        logger.experiment.summary.update({f"final/val/{k}": v for k, v in results.get("final_validation", {}).items()
+                                          if not math.isnan(v)})
         logger.experiment.finish()
     return results
 
@@ -265,6 +284,8 @@ def run_experiment(config: dict) -> dict[str, dict]:
     out_dir = Path(config["output_dir"]) / config["name"]
     write_comparison(out_dir, config, rows)
     print_comparison(console, config, rows)
+    if all(r.get("complete") for r in results.values()):
+        write_experiment_figures(out_dir, results)
     console.print(f"total {time.time() - started:.0f} s; results in {out_dir}/")
     return results
 

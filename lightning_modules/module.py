@@ -35,6 +35,9 @@ class IncrementalSegmentationModule(pl.LightningModule):
         self.test_confusion: np.ndarray | None = None  # filled by a test run
         self.test_iou: np.ndarray | None = None
         self.test_summary: dict | None = None
+        # What a test run evaluates, for the logged names: "test" (the test set) or "val" (the
+        # held-out part of the training images that hyper-parameter searches optimise).
+        self.evaluation_split = "test"
 
     # --- the old model ----------------------------------------------------------------------
     @property
@@ -90,7 +93,7 @@ class IncrementalSegmentationModule(pl.LightningModule):
         self.test_confusion = self.test_confmat.compute().cpu().numpy().astype(np.int64)
         iou = iou_from_confusion(self.test_confusion)
         self.test_summary = summarize_step(iou, self.steps, self.step)
-        prefix = f"step{self.step}/test"
+        prefix = f"step{self.step}/{self.evaluation_split}"
         self.log_dict({f"{prefix}/{k}": v for k, v in self.test_summary.items() if not np.isnan(v)})
         names = self.class_names or [str(i) for i in range(len(iou))]
         self.log_dict({f"{prefix}_iou/{names[i]}": float(v) for i, v in enumerate(iou) if not np.isnan(v)})

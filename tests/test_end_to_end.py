@@ -16,7 +16,7 @@ def test_two_step_experiment_writes_results_and_reuses_step_zero(tiny_config, tm
     assert set(results) == {"joint", "ft", "mib", "wilson"}
     out = tmp_path / "runs" / tiny_config["name"]
     for method in ("joint", "ft", "mib", "wilson"):
-        saved = json.loads((out / method / "results.json").read_text())
+        saved = json.loads((out / method / "seed42" / "results.json").read_text())
         assert saved["complete"] is True and saved["method"] == method
         assert [s["step"] for s in saved["steps"]] == [0, 1]
         for record in saved["steps"]:
@@ -24,11 +24,11 @@ def test_two_step_experiment_writes_results_and_reuses_step_zero(tiny_config, tm
             assert len(record["iou"]) == (16 if record["step"] == 0 else 21)
             assert len(record["confusion"]) == len(record["iou"])
         assert {"avg_no_bg", "avg_with_bg", "all_no_bg", "hiou_no_bg"} <= set(saved["final"])
-        config = yaml.safe_load((out / method / "config.yaml").read_text())
+        config = yaml.safe_load((out / method / "seed42" / "config.yaml").read_text())
         assert config["data"]["task"] == "15-5" and config["data"]["root"] == tiny_config["data"]["root"]
-        header = (out / method / "metrics.csv").read_text().splitlines()[0].split(",")
+        header = (out / method / "seed42" / "metrics.csv").read_text().splitlines()[0].split(",")
         assert header[0] == "step" and "old_no_bg" in header
-        assert len((out / method / "per_class_iou.csv").read_text().splitlines()) == 3
+        assert len((out / method / "seed42" / "per_class_iou.csv").read_text().splitlines()) == 3
     # the CE step 0 was trained once (by the first method) and shared by the others; WILSON's
     # step 0 is trained with BCE, so it has its own
     trained = {m: results[m]["steps"][0]["trained"] for m in results}

@@ -148,6 +148,6 @@ def test_experiment_file_runs_end_to_end(name, data_roots, tmp_path):
     assert set(results) == set(config["methods"])
     for method, result in results.items():
         assert result["complete"] and len(result["steps"]) == len(steps)
-        saved = json.loads((tmp_path / "runs" / config["name"] / method / "results.json").read_text())
+        saved = json.loads((tmp_path / "runs" / config["name"] / method / f"seed{config['seed']}" / "results.json").read_text())
         assert saved["complete"]
         assert NUM_FOREGROUND[config["data"]["dataset"]] >= len(saved["steps"][-1]["iou"]) - 1

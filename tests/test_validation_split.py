@@ -1,0 +1,45 @@
+"""The held-out validation split that hyper-parameter searches optimise (never the test set)."""
+import numpy as np
+import pytest
+
+from datamodules.incremental import IncrementalSegmentationDataModule, validation_rows
+from experiments import run
+from experiments.config import apply_overrides
+
+
+def test_validation_rows_are_a_fixed_fraction_of_the_train_split():
+    rows = validation_rows(200, 0.1)
+    assert len(rows) == 20 and len(set(rows.tolist())) == 20 and rows.min() >= 0 and rows.max() < 200
+    assert rows.tolist() == sorted(rows.tolist())
+    assert np.array_equal(rows, validation_rows(200, 0.1)), "the same rows at every step and for every method"
+    assert validation_rows(200, 0.0).size == 0
+
+
+def test_held_out_images_never_train_and_are_scored_on_every_seen_class(tiny_config):
+    data = tiny_config["data"]
+    common = dict(dataset="synthetic", data_root=data["root"], task="15-5", mode="disjoint", crop_size=32,
+                  num_workers=0, dataset_options=data["options"])
+    plain = IncrementalSegmentationDataModule(step=1, **common)
+    plain.setup()
+    held = IncrementalSegmentationDataModule(step=1, validation_fraction=0.25, **common)
+    held.setup()
+    rows = validation_rows(48, 0.25)
+    assert held.train_indices.tolist() == sorted(set(plain.train_indices.tolist()) - set(rows.tolist()))
+    assert set(held.val_indices.tolist()) <= set(rows.tolist())
+    # Validation images: those of the held-out rows with a seen class, labelled like the test set
+    # (old classes kept, not background as in step-1 training).
+    seen = [r for r in rows if held.train_presence[r, :20].any()]
+    assert held.val_indices.tolist() == seen
+    labels = np.concatenate([held.val_set[i]["label"].numpy().ravel() for i in range(len(held.val_set))])
+    old_channels = set(range(1, 16))
+    assert old_channels & set(np.unique(labels).tolist()), "old classes are scored, not turned into background"
+    with pytest.raises(ValueError, match="validation_fraction"):
+        IncrementalSegmentationDataModule(validation_fraction=1.0, **common)
+
+
+def test_a_run_reports_final_validation_metrics_beside_the_test_ones(tiny_config):
+    config = apply_overrides(tiny_config, ["data.validation_fraction=0.25", "methods=[ft]"])
+    results = run.run_experiment(config)["ft"]
+    assert all(step["validation"]["images"] > 0 for step in results["steps"])
+    assert set(results["final_validation"]) == set(results["final"])
+    assert results["final_validation"]["all_no_bg"] != results["final"]["all_no_bg"], "another set of images"
