@@ -79,7 +79,7 @@ class IncrementalSegmentationDataModule(pl.LightningDataModule):
                  train_scale=(0.5, 2.0), eval_mode: str = "center_crop", test_images: str = "seen",
                  void_as_background: bool = True, future_classes_in_test: str = "ignore",
                  size_divisor: int = 16, num_workers: int = 2, dataset_options: dict | None = None,
-                 validation_fraction: float = 0.0):
+                 validation_fraction: float = 0.0, eval_crop_size: int | None = None):
         super().__init__()
         if supervision not in SUPERVISIONS:
             raise ValueError(f"unknown supervision {supervision!r}; expected one of {SUPERVISIONS}")
@@ -93,6 +93,8 @@ class IncrementalSegmentationDataModule(pl.LightningDataModule):
         self.training_images, self.old_labels = training_images, old_labels
         self.batch_size, self.test_batch_size = batch_size, test_batch_size or batch_size
         self.crop_size, self.train_scale, self.eval_mode = crop_size, tuple(train_scale), eval_mode
+        # The test crop, when it differs from the training crop (WILSON's COCO script: 448 / 512).
+        self.eval_crop_size = eval_crop_size or crop_size
         self.test_images, self.void_as_background = test_images, void_as_background
         self.future_classes_in_test, self.size_divisor = future_classes_in_test, size_divisor
         self.num_workers, self.dataset_options = num_workers, dataset_options or {}
@@ -126,7 +128,7 @@ class IncrementalSegmentationDataModule(pl.LightningDataModule):
             self.train_set = PixelLabelled(located.train, self.train_indices, lookup, train_tf)
         test_lookup = label_lookup(self.steps, self.step, "test", future_classes=self.future_classes_in_test,
                                    background_is_unlabeled=unlabeled)
-        eval_tf = eval_transform(self.crop_size, self.eval_mode, self.size_divisor)
+        eval_tf = eval_transform(self.eval_crop_size, self.eval_mode, self.size_divisor)
         self.test_set = PixelLabelled(located.test, self.test_indices, test_lookup, eval_tf)
         if len(held_out):
             # Scored like the test set (every seen class kept), on training images no step trains on.

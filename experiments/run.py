@@ -61,7 +61,8 @@ def build_datamodule(config: dict, method, steps, step: int) -> IncrementalSegme
         test_images=data.get("test_images", "seen"), void_as_background=data.get("void_as_background", True),
         future_classes_in_test=data.get("future_classes_in_test", "ignore"),
         size_divisor=config["network"].get("output_stride", 16), num_workers=loader_workers(data.get("num_workers", "auto")),
-        dataset_options=data.get("options") or {}, validation_fraction=data.get("validation_fraction", 0.0))
+        dataset_options=data.get("options") or {}, validation_fraction=data.get("validation_fraction", 0.0),
+        eval_crop_size=data.get("eval_crop_size"))
 
 
 def loader_workers(setting) -> int:

@@ -43,3 +43,14 @@ def test_a_run_reports_final_validation_metrics_beside_the_test_ones(tiny_config
     assert all(step["validation"]["images"] > 0 for step in results["steps"])
     assert set(results["final_validation"]) == set(results["final"])
     assert results["final_validation"]["all_no_bg"] != results["final"]["all_no_bg"], "another set of images"
+
+
+def test_the_test_crop_may_differ_from_the_training_crop(tiny_config):
+    """WILSON's COCO script: 448 training crops, 512 test crops (data.eval_crop_size)."""
+    data = tiny_config["data"]
+    module = IncrementalSegmentationDataModule(dataset="synthetic", data_root=data["root"], task="15-5", step=0,
+                                               crop_size=24, eval_crop_size=32, num_workers=0,
+                                               dataset_options=data["options"])
+    module.setup()
+    assert module.train_set[0]["image"].shape[-2:] == (24, 24)
+    assert module.test_set[0]["image"].shape[-2:] == (32, 32)
