@@ -30,6 +30,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from datamodules.datasets.voc import voc_palette
+from datamodules.tasks import class_span
 
 DPI = 150
 FONT = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "xtick.labelsize": 9,
@@ -95,17 +96,6 @@ def method_styles(names: Sequence[str]) -> dict[str, MethodStyle]:
 
 
 # --- small helpers ----------------------------------------------------------------------------
-def _span(classes: Sequence[int]) -> str:
-    """"16-20" for contiguous ids, "16" for one, "12 classes" otherwise (background left out)."""
-    classes = sorted(c for c in classes if c != 0)
-    if not classes:
-        return "-"
-    if len(classes) == 1:
-        return str(classes[0])
-    contiguous = classes == list(range(classes[0], classes[-1] + 1))
-    return f"{classes[0]}-{classes[-1]}" if contiguous else f"{len(classes)} classes"
-
-
 def _percent(value) -> float:
     return float("nan") if value is None or (isinstance(value, float) and math.isnan(value)) else 100.0 * value
 
@@ -140,7 +130,7 @@ def _describe(result: dict) -> str:
 
 
 def _step_label(record: dict) -> str:
-    return f"{record['step']} ({_span(record['classes'])})"
+    return f"{record['step']} ({class_span(record['classes'])})"
 
 
 # --- 1. old / new / all after each step -----------------------------------------------------
@@ -164,11 +154,11 @@ def plot_steps(results_by_method: Mapping[str, dict], path, convention: str = "n
     for name, result in results_by_method.items():
         for record, expected in zip(result["steps"], reference):
             if list(record["classes"]) != list(expected["classes"]):
-                raise ValueError(f"{name!r} learned classes {_span(record['classes'])} at step {record['step']}, "
-                                 f"other methods {_span(expected['classes'])}: not the same task")
+                raise ValueError(f"{name!r} learned classes {class_span(record['classes'])} at step {record['step']}, "
+                                 f"other methods {class_span(expected['classes'])}: not the same task")
 
-    old_span = _span(reference[0]["classes"])
-    new_span = _span([c for record in reference[1:] for c in record["classes"]])
+    old_span = class_span(reference[0]["classes"])
+    new_span = class_span([c for record in reference[1:] for c in record["classes"]])
     bg = "bg + " if convention == "with_bg" else ""
     panels = [("old", f"old classes ({bg}{old_span})"), ("new", f"new classes ({new_span})"),
               ("all", "all classes" + (" (incl. background)" if convention == "with_bg" else ""))]
@@ -299,8 +289,8 @@ def plot_per_class_iou(result: dict, path) -> Path:
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
 
-    old_span = _span(steps[0]["classes"])
-    new_span = _span([c for record in steps[1:] for c in record["classes"]])
+    old_span = class_span(steps[0]["classes"])
+    new_span = class_span([c for record in steps[1:] for c in record["classes"]])
     legend = [Patch(facecolor=OLD_COLOUR, label=f"old classes ({old_span})")]
     if len(steps) > 1:
         legend.append(Patch(facecolor=NEW_COLOUR, label=f"new classes ({new_span})"))
@@ -313,7 +303,7 @@ def plot_per_class_iou(result: dict, path) -> Path:
     rows = math.ceil(len(legend) / fits)
     figure.legend(handles=legend, loc="outside lower center", ncols=math.ceil(len(legend) / rows), frameon=False)
     method = result.get("method") or "method"
-    learned = _span(last["classes"])
+    learned = class_span(last["classes"])
     learned = f"class {learned}" if learned.isdigit() else learned if "classes" in learned else f"classes {learned}"
     figure.suptitle(f"{_describe(result)}\n{method}: per-class IoU after step {last['step']} (learned {learned})")
     return _save(figure, path)
@@ -471,11 +461,12 @@ def log_figures_to_wandb(paths: Mapping[str, Path], run=None) -> bool:
 
 
 # --- all figures of an experiment -------------------------------------------------------------
-def write_experiment_figures(out_dir, results_by_method: Mapping[str, dict]) -> dict[str, Path]:
-    """steps_no_bg.png, steps_with_bg.png and per_class_iou_<method>.png under out_dir (the
-    experiment's directory, beside comparison.md); the keys name the figures for wandb."""
+def write_experiment_figures(out_dir, results_by_method: Mapping[str, dict], per_class: bool = True) -> dict[str, Path]:
+    """steps_no_bg.png, steps_with_bg.png and (per_class) per_class_iou_<method>.png under out_dir
+    (the experiment's directory, beside comparison.md); the keys name the figures for wandb. The
+    run loop passes per_class=False: it has drawn each run's per-class figure in the run's directory."""
     out_dir = Path(out_dir)
     paths = {f"figures/steps_{c}": plot_steps(results_by_method, out_dir / f"steps_{c}.png", c) for c in CONVENTIONS}
-    for name, result in results_by_method.items():
+    for name, result in results_by_method.items() if per_class else ():
         paths[f"figures/per_class_iou/{name}"] = plot_per_class_iou(result, out_dir / f"per_class_iou_{name}.png")
     return paths

@@ -362,4 +362,12 @@ def fetch(archive: Archive, download_dir: Path, extract_to: Path, *, allow_unver
                 f"{path}: {error.algorithm} is {error.actual}, expected {error.expected}; nothing was extracted, "
                 f"the file was renamed to {corrupt.name} and the next run downloads it afresh",
                 corrupt, error.algorithm, error.expected, error.actual) from None
-    return extract(path, extract_to, progress=progress)
+    try:
+        return extract(path, extract_to, progress=progress)
+    except zipfile.BadZipFile as error:
+        # Extracting a zip checks every member's CRC-32: for an archive without a published
+        # checksum (COCO-Stuff's maps) that is the integrity check, and it extracts nothing on failure.
+        corrupt = path.with_name(path.name + ".corrupt")
+        path.replace(corrupt)
+        raise ChecksumError(f"{path}: {error} (CRC check failed); nothing was extracted, the file was renamed to "
+                            f"{corrupt.name} and the next run downloads it afresh", corrupt, "crc32", "", "") from None

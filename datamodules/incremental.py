@@ -143,14 +143,10 @@ class IncrementalSegmentationDataModule(pl.LightningDataModule):
         """The rows that train this step: the dataset's own rule when it has one (COCO-to-VOC's
         split files, a user-supplied ADE partition), else PROTOCOL.md §3's rule for `mode`;
         Joint ("cumulative") takes the union over steps 0..step."""
-        def rows_of(step: int) -> np.ndarray:
-            if located.train_rows is not None:
-                return np.asarray(located.train_rows(self.train_presence, self.steps, step, self.mode), dtype=np.int64)
-            return splits.select_images(self.train_presence, self.steps, step, self.mode)
-
+        select = located.train_rows or splits.select_images
         if self.training_images == "step":
-            return rows_of(self.step)
-        return np.unique(np.concatenate([rows_of(s) for s in range(self.step + 1)]))
+            return np.asarray(select(self.train_presence, self.steps, self.step, self.mode), dtype=np.int64)
+        return splits.select_cumulative_images(self.train_presence, self.steps, self.step, self.mode, select=select)
 
     def train_dataloader(self) -> DataLoader:
         # drop_last: a last batch of one image breaks batch norm in DeepLab's pooling branch.
@@ -163,11 +159,13 @@ class IncrementalSegmentationDataModule(pl.LightningDataModule):
         # (experiments.run), not during fit.
         if self.val_set is None:
             raise ValueError("no validation images: set data.validation_fraction > 0")
-        batch = 1 if self.eval_mode == "full" else self.test_batch_size
-        return DataLoader(self.val_set, batch_size=batch, shuffle=False, num_workers=self.num_workers,
-                          pin_memory=torch.cuda.is_available())
+        return self._evaluation_loader(self.val_set)
 
     def test_dataloader(self) -> DataLoader:
+        return self._evaluation_loader(self.test_set)
+
+    def _evaluation_loader(self, dataset) -> DataLoader:
+        # Full-resolution images differ in size: one per batch.
         batch = 1 if self.eval_mode == "full" else self.test_batch_size
-        return DataLoader(self.test_set, batch_size=batch, shuffle=False, num_workers=self.num_workers,
+        return DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=self.num_workers,
                           pin_memory=torch.cuda.is_available())

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import zipfile
 from pathlib import Path
 
 from rich.console import Console
@@ -29,30 +28,6 @@ from datamodules.tasks import NUM_FOREGROUND
 
 console = Console()
 DATASETS = ("voc", "ade20k", "coco")
-
-
-def _fetch_zip_without_checksum(archive: Archive, download_dir: Path, extract_to: Path, progress: bool) -> None:
-    """COCO-Stuff publishes no checksum for its pixel maps. A zip still carries a CRC-32 of every
-    member: check them all before extracting, so a corrupt download is refused all the same."""
-    console.print(f"[yellow]note:[/] {archive.name} has no published checksum; checking the CRC of every "
-                  "member of the zip instead")
-    path = download_dir / archive.name
-    if not path.exists() and not (extract_to / f".{archive.name}.extracted").exists():
-        from datamodules.download import download
-        download(archive.url, path, progress=progress)
-    if path.exists():
-        try:
-            with zipfile.ZipFile(path) as handle:
-                bad = handle.testzip()
-        except zipfile.BadZipFile as error:
-            bad = f"(not a zip: {error})"
-        if bad is not None:
-            corrupt = path.with_name(path.name + ".corrupt")
-            path.replace(corrupt)
-            raise ChecksumError(f"{path}: member {bad} fails its CRC check; nothing was extracted, the file was "
-                                f"renamed to {corrupt.name} and the next run downloads it afresh",
-                                corrupt, "crc32", "", "")
-    fetch(archive, download_dir, extract_to, allow_unverified=True, progress=progress)
 
 
 def _build_presence(dataset: str, data_root: Path, options: dict) -> None:
@@ -105,10 +80,10 @@ def prepare_coco(data_root: Path, *, downloads: Path | None = None, archives: di
     fetch(archives["coco_val2017"], downloads, images, progress=progress)     # holds val2017/
     maps = archives["cocostuff_stuffthingmaps"]
     target = data_root / "coco" / "stuffthingmaps_trainval2017"               # holds train2017/, val2017/
-    if maps.checksum:
-        fetch(maps, downloads, target, progress=progress)
-    else:
-        _fetch_zip_without_checksum(maps, downloads, target, progress)
+    if not maps.checksum:
+        console.print(f"[yellow]note:[/] {maps.name} has no published checksum; the CRC-32 of every member of the "
+                      "zip is checked while extracting instead")
+    fetch(maps, downloads, target, allow_unverified=True, progress=progress)
     counts = coco.prepare_coco_voc(data_root, progress=progress)
     _build_presence("coco-voc", data_root, options)
     _build_presence("coco-voc", data_root, {**options, "test_set": "voc"})

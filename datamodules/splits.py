@@ -34,9 +34,11 @@ def select_images(presence: np.ndarray, steps: list[list[int]], step: int, mode:
     return np.flatnonzero(has_current & ~has_unseen)
 
 
-def select_cumulative_images(presence: np.ndarray, steps: list[list[int]], step: int, mode: str) -> np.ndarray:
-    """Union of the training images of steps 0..step (the data a Joint model trains on)."""
-    chosen = [select_images(presence, steps, s, mode) for s in range(step + 1)]
+def select_cumulative_images(presence: np.ndarray, steps: list[list[int]], step: int, mode: str,
+                             select=select_images) -> np.ndarray:
+    """Union of the training images of steps 0..step (the data a Joint model trains on), each
+    step's images chosen by `select` (same signature as select_images; a dataset's own rule)."""
+    chosen = [np.asarray(select(presence, steps, s, mode), dtype=np.int64) for s in range(step + 1)]
     return np.unique(np.concatenate(chosen))
 
 

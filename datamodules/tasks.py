@@ -92,3 +92,15 @@ def channel_order(steps: list[list[int]], step: int) -> list[int]:
 def channels_per_step(steps: list[list[int]]) -> list[int]:
     """Number of output channels each step adds (step 0 counts background)."""
     return [len(s) for s in steps]
+
+
+def class_span(classes) -> str:
+    """A readable name for a group of class ids (background left out): "16-20" for contiguous ids,
+    "16" for one, "12 classes" otherwise; "-" for none. Used in tables and figure labels."""
+    classes = sorted(c for c in classes if c != 0)
+    if not classes:
+        return "-"
+    if len(classes) == 1:
+        return str(classes[0])
+    contiguous = classes == list(range(classes[0], classes[-1] + 1))
+    return f"{classes[0]}-{classes[-1]}" if contiguous else f"{len(classes)} classes"

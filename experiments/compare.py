@@ -18,7 +18,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from experiments.report import _paper_cell, _span
+from datamodules.tasks import class_span
+from experiments.report import _paper_cell
 
 # The per-step quantities of lightning_modules.metrics.summarize_step that the table carries
 # (new_with_bg is always new_no_bg: background never belongs to the new classes).
@@ -61,9 +62,10 @@ def collect_results(run_dir) -> dict:
         mtime = path.stat().st_mtime
         previous = kept.get((method, seed))
         if previous is not None:
-            (_, newer, _), (_, older, _) = sorted([previous, (mtime, path, result)], key=lambda e: e[0], reverse=True)
+            this_is_newer = mtime > previous[0]
+            newer, older = (path, previous[1]) if this_is_newer else (previous[1], path)
             warnings.append(f"{method} seed {seed}: two results files; kept the newest {newer}, ignored {older}")
-            if mtime <= previous[0]:
+            if not this_is_newer:
                 continue
         kept[(method, seed)] = (mtime, path, result)
 
@@ -135,7 +137,7 @@ def comparison_table(results_by_method: dict[str, list[dict]], expected: dict | 
         supervision = {r.get("supervision") for r in results} - {None}
         row = {"method": method, "supervision": ", ".join(sorted(supervision)) or None,
                "n_seeds": len(results), "seeds": " ".join(str(r["config"].get("seed")) for r in results),
-               "old_classes": _span(first[0]["classes"]), "new_classes": _span(new_classes), "n_steps": n_steps}
+               "old_classes": class_span(first[0]["classes"]), "new_classes": class_span(new_classes), "n_steps": n_steps}
         for metric in FINAL_METRICS:
             row[f"final_{metric}_mean"], row[f"final_{metric}_std"] = _percent_stats(
                 [r["final"].get(metric) for r in results])

@@ -7,13 +7,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-
-def _span(classes: list[int]) -> str:
-    classes = sorted(c for c in classes if c != 0)
-    if not classes:
-        return "-"
-    contiguous = classes == list(range(classes[0], classes[-1] + 1))
-    return f"{classes[0]}-{classes[-1]}" if contiguous else f"{len(classes)} classes"
+from datamodules.tasks import class_span
 
 
 def _pct(value) -> str:
@@ -47,7 +41,7 @@ def _paper_cell(paper: dict | None) -> str:
 
 
 def _columns(config: dict, steps) -> list[tuple[str, str]]:
-    old, new = _span(steps[0]), _span([c for s in steps[1:] for c in s])
+    old, new = class_span(steps[0]), class_span([c for s in steps[1:] for c in s])
     return [("method", "Method"), ("step0_old", f"step 0: {old}"), ("old", f"old {old}"),
             ("new", f"new {new}"), ("all", "all"), ("all_with_bg", "all+bg"),
             ("hiou", "hIoU"), ("old_kept", "kept"), ("paper", "paper o/n/a")]

@@ -286,7 +286,7 @@ def run_experiment(config: dict) -> dict[str, dict]:
     write_comparison(out_dir, config, rows)
     print_comparison(console, config, rows)
     if all(r.get("complete") for r in results.values()):
-        write_experiment_figures(out_dir, results)
+        write_experiment_figures(out_dir, results, per_class=False)
     console.print(f"total {time.time() - started:.0f} s; results in {out_dir}/")
     return results
 

@@ -151,3 +151,4 @@ def test_experiment_file_runs_end_to_end(name, data_roots, tmp_path):
         saved = json.loads((tmp_path / "runs" / config["name"] / method / f"seed{config['seed']}" / "results.json").read_text())
         assert saved["complete"]
         assert NUM_FOREGROUND[config["data"]["dataset"]] >= len(saved["steps"][-1]["iou"]) - 1
+        assert len(saved["steps"][-1]["iou"]) == sum(len(s) for s in steps), "one IoU per output channel"
