@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import albumentations as A
 import cv2
+import torch
 from albumentations.pytorch import ToTensorV2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -47,3 +48,11 @@ def eval_transform(crop_size: int, mode: str = "center_crop", size_divisor: int 
     else:
         raise ValueError(f"unknown eval mode {mode!r}; expected one of {EVAL_MODES}")
     return A.Compose(geometry + [A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD), ToTensorV2()])
+
+
+def unnormalize(images: torch.Tensor) -> torch.Tensor:
+    """The RGB images in [0, 1] from ImageNet-normalised inputs (B, 3, H, W): what PAMR compares
+    and what figures show."""
+    mean = images.new_tensor(IMAGENET_MEAN).view(1, -1, 1, 1)
+    std = images.new_tensor(IMAGENET_STD).view(1, -1, 1, 1)
+    return images * std + mean

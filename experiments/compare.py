@@ -260,31 +260,12 @@ def caption_for(collected: dict) -> str:
 def log_comparison_to_wandb(rows: list[dict], experiment: str, project: str = "ciss", mode: str | None = None,
                             save_dir=None):
     """The rows as a wandb.Table ("comparison") in one run of job_type "compare", grouped by
-    experiment. mode: WANDB_MODE, else online when logged in, else offline (run.wandb_mode);
+    experiment. mode: WANDB_MODE, else online when logged in, else offline (tracking.wandb_mode);
     "disabled" logs nothing. Returns the run's local directory (None when disabled)."""
-    from experiments.run import wandb_mode
+    from experiments.tracking import log_summary_run
 
-    mode = mode or wandb_mode("auto")
-    if mode == "disabled":
-        return None
-    import wandb
-
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    data = [[_wandb_value(row.get(key)) for key in columns] for row in rows]
-    if save_dir is not None:
-        Path(save_dir).mkdir(parents=True, exist_ok=True)
-    run = wandb.init(project=project, job_type="compare", group=experiment, name=f"{experiment}-compare",
-                     tags=[experiment, "compare"], mode=mode, dir=None if save_dir is None else str(save_dir),
-                     config={"experiment": experiment})
-    try:
-        run.log({"comparison": wandb.Table(columns=columns, data=data)})
-        return Path(run.dir).parent
-    finally:
-        run.finish()
-
-
-def _wandb_value(value):
-    return None if isinstance(value, float) and math.isnan(value) else value
+    return log_summary_run(experiment, "compare", [experiment, "compare"], table_rows=rows,
+                           config={"experiment": experiment}, project=project, mode=mode, save_dir=save_dir)
 
 
 # --- CLI ----------------------------------------------------------------------------------------

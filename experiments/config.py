@@ -20,7 +20,9 @@ FREE_FORM = ("methods.", "data.options.", "expected.")
 # Settings every experiment has, so that they can be overridden from any file: the held-out
 # share of the training images for hyper-parameter searches (0: none, the papers' protocol); the
 # test crop when it differs from the training crop (null: the same).
-DEFAULTS = {"data": {"validation_fraction": 0.0, "eval_crop_size": None}}
+DEFAULTS = {"data": {"validation_fraction": 0.0, "eval_crop_size": None},
+            # Test images shown in the qualitative figure (image | ground truth | predictions); 0: none.
+            "figures": {"qualitative_images": 4}}
 
 
 class ConfigError(ValueError):

@@ -31,7 +31,11 @@ from datamodules import datasets
 from datamodules.incremental import IncrementalSegmentationDataModule
 from datamodules.tasks import channel_order, task_classes
 from experiments.config import apply_overrides, load_experiment, resolve
+from experiments.qualitative import (EXAMPLES_FILE, choose_examples, load_examples, plot_experiment_qualitative,
+                                      predict_examples, save_examples)
 from experiments.report import comparison_rows, print_comparison, write_comparison
+from experiments.tracking import (build_logger, define_task_step_metrics, log_summary_run, log_task_step, run_tags,
+                                  wandb_mode)
 from lightning_modules.methods import build_method
 from lightning_modules.metrics import summarize_run
 from lightning_modules.module import IncrementalSegmentationModule
@@ -95,37 +99,6 @@ def build_trainer(config: dict, epochs: int, logger, callbacks: list) -> pl.Trai
         limit_test_batches=trainer_cfg.get("limit_test_batches", 1.0))
 
 
-def wandb_mode(setting: str) -> str:
-    """"auto": online when the user has configured wandb (WANDB_MODE, an API key or a login),
-    offline otherwise; "online", "offline", "disabled" as given."""
-    if setting != "auto":
-        return setting
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
-    netrc = Path.home() / ".netrc"
-    logged_in = os.environ.get("WANDB_API_KEY") or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
-    return "online" if logged_in else "offline"
-
-
-def build_logger(config: dict, method_name: str, run_dir: Path):
-    logger_cfg = config.get("logger") or {}
-    mode = wandb_mode(logger_cfg.get("wandb", "auto"))
-    if mode == "disabled":
-        return False
-    from pytorch_lightning.loggers import WandbLogger
-
-    trainer_cfg = config.get("trainer") or {}
-    devices = trainer_cfg.get("devices", 1)
-    world_size = (devices if isinstance(devices, int) else len(devices)) * trainer_cfg.get("num_nodes", 1)
-    run_config = dict(config, method=method_name, seed=config["seed"], world_size=world_size,
-                      effective_batch=world_size * config["data"]["batch_size"])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return WandbLogger(project=logger_cfg.get("project", "ciss"), group=config["name"], job_type=method_name,
-                       name=f"{config['name']}-{method_name}", save_dir=str(run_dir), mode=mode, config=run_config,
-                       tags=[config["name"], method_name, config["data"]["dataset"], config["data"]["mode"]],
-                       log_model=False)
-
-
 # --- step 0: shared by every method with the same step-0 setting ----------------------------
 def step0_cache_path(config: dict, method, steps) -> Path:
     data = config["data"]
@@ -151,8 +124,9 @@ def _save_atomically(obj, path: Path) -> None:
 
 
 # --- one step -------------------------------------------------------------------------------
-def run_step(config, method, method_entry, steps, step, network, logger, names, train=True):
-    """Train step `step` (unless `train` is False: a cached step-0 model) and test it."""
+def run_step(config, method, method_entry, steps, step, network, logger, names, train=True, examples_path=None):
+    """Train step `step` (unless `train` is False: a cached step-0 model) and test it; with
+    `examples_path`, also save the qualitative examples (experiments.qualitative) there."""
     pl.seed_everything(config["seed"] + step, verbose=False)
     schedule = schedule_for(config, method_entry, step)
     datamodule = build_datamodule(config, method, steps, step)
@@ -173,6 +147,10 @@ def run_step(config, method, method_entry, steps, step, network, logger, names, 
         validation = {"images": len(datamodule.val_set), "summary": module.test_summary}
         module.evaluation_split = "test"
     trainer.test(module, datamodule=datamodule, verbose=False)
+    count = (config.get("figures") or {}).get("qualitative_images", 0)
+    if examples_path is not None and count and trainer.is_global_zero:
+        positions = choose_examples(datamodule.test_presence[datamodule.test_indices], steps[: step + 1], count)
+        save_examples(examples_path, predict_examples(module, datamodule.test_set, positions, datamodule.test_presence))
     record = {
         "step": step, "classes": steps[step], "trained": train, "train_images": len(datamodule.train_set),
         "test_images": len(datamodule.test_set), "train_seconds": round(train_seconds, 1),
@@ -188,7 +166,9 @@ def run_method(config: dict, method_name: str, steps) -> dict:
     # One directory per seed, so that repeated runs are kept side by side for `make compare`.
     run_dir = Path(config["output_dir"]) / config["name"] / method_name / f"seed{config['seed']}"
     names = datasets.class_names(config["data"]["dataset"], config["data"].get("options"))
-    logger = build_logger(config, method_name, run_dir)
+    logger = build_logger(config, method_name, method.supervision, run_dir)
+    if logger:
+        define_task_step_metrics(logger.experiment)
     results = {"experiment": config["name"], "method": method_name, "hparams": method.hparams(),
                "complete": False, "steps": [], "config": config}
 
@@ -198,21 +178,29 @@ def run_method(config: dict, method_name: str, steps) -> dict:
         saved = torch.load(cache, map_location="cpu", weights_only=True)
         network = build_network(config, saved["classes_per_step"], pretrained=False)
         network.load_state_dict(saved["state_dict"])
-        network, record, is_main = run_step(config, method, entry, steps, 0, network, logger, names, train=False)
+        network, record, is_main = run_step(config, method, entry, steps, 0, network, logger, names, train=False,
+                                            examples_path=run_dir / EXAMPLES_FILE if len(steps) == 1 else None)
     else:
         console.print(f"[bold]{method_name}[/]: training step 0 ({len(steps[0]) - 1} classes)")
         pl.seed_everything(config["seed"], verbose=False)
         network = build_network(config, [len(steps[0])])
-        network, record, is_main = run_step(config, method, entry, steps, 0, network, logger, names)
+        network, record, is_main = run_step(config, method, entry, steps, 0, network, logger, names,
+                                            examples_path=run_dir / EXAMPLES_FILE if len(steps) == 1 else None)
         if is_main:
             _save_atomically({"state_dict": network.state_dict(), "classes_per_step": [len(steps[0])]}, cache)
     results["steps"].append(record)
     _write_results(run_dir, results, is_main)
+    if logger:
+        log_task_step(logger.experiment, 0, record["summary"])
     for step in range(1, len(steps)):
         console.print(f"[bold]{method_name}[/]: step {step} (classes {steps[step][0]}-{steps[step][-1]})")
-        network, record, is_main = run_step(config, method, entry, steps, step, network, logger, names)
+        last = step == len(steps) - 1
+        network, record, is_main = run_step(config, method, entry, steps, step, network, logger, names,
+                                            examples_path=run_dir / EXAMPLES_FILE if last else None)
         results["steps"].append(record)
         _write_results(run_dir, results, is_main)
+        if logger:
+            log_task_step(logger.experiment, step, record["summary"])
     results["final"] = summarize_run([r["summary"] for r in results["steps"]])
     if all(r.get("validation") for r in results["steps"]):
         # What a hyper-parameter search optimises (final/val/...): held-out training images.
@@ -220,9 +208,12 @@ def run_method(config: dict, method_name: str, steps) -> dict:
     results["complete"] = True
     _write_results(run_dir, results, is_main)
     if is_main:
-        figure = plot_per_class_iou(results, run_dir / "per_class_iou.png")
+        figures = {"figures/per_class_iou": plot_per_class_iou(results, run_dir / "per_class_iou.png")}
+        if (run_dir / EXAMPLES_FILE).exists():
+            figures["figures/qualitative"] = plot_experiment_qualitative(
+                run_dir / "qualitative.png", {method_name: load_examples(run_dir / EXAMPLES_FILE)}, names)
         if logger:
-            log_figures_to_wandb({"figures/per_class_iou": figure}, logger)
+            log_figures_to_wandb(figures, logger)
     if logger:
         logger.experiment.summary.update({f"final/{k}": v for k, v in results["final"].items() if not math.isnan(v)})
         logger.experiment.summary.update({f"final/val/{k}": v for k, v in results.get("final_validation", {}).items()
@@ -286,7 +277,19 @@ def run_experiment(config: dict) -> dict[str, dict]:
     write_comparison(out_dir, config, rows)
     print_comparison(console, config, rows)
     if all(r.get("complete") for r in results.values()):
-        write_experiment_figures(out_dir, results, per_class=False)
+        figures = write_experiment_figures(out_dir, results, per_class=False)
+        examples = {name: load_examples(path) for name in results
+                    if (path := out_dir / name / f"seed{config['seed']}" / EXAMPLES_FILE).exists()}
+        if examples:
+            names = datasets.class_names(config["data"]["dataset"], config["data"].get("options"))
+            figures["figures/qualitative"] = plot_experiment_qualitative(out_dir / "qualitative.png", examples, names)
+        # The experiment's own wandb run (job_type "summary", in the experiment's group): the
+        # comparison table and the figures that span methods.
+        log_summary_run(config["name"], "summary", run_tags(config, "summary"),
+                        table_rows=rows, figures=figures, config=dict(config, setting=str(config["data"]["task"])),
+                        project=(config.get("logger") or {}).get("project", "ciss"),
+                        mode=wandb_mode((config.get("logger") or {}).get("wandb", "auto")),
+                        save_dir=out_dir)
     console.print(f"total {time.time() - started:.0f} s; results in {out_dir}/")
     return results
 

@@ -1,11 +1,16 @@
 """A whole 2-step experiment on tiny generated data, through the real step loop."""
 import json
 
+import cv2
+import numpy as np
 import pytest
 import yaml
 
+from datamodules import datasets
+from datamodules.datasets.voc import load_image, load_mask
 from experiments import run
 from experiments.config import apply_overrides
+from experiments.qualitative import load_examples
 
 SUMMARY_KEYS = {"bg", "old_no_bg", "old_with_bg", "new_no_bg", "new_with_bg", "all_no_bg", "all_with_bg",
                 "past_no_bg", "past_with_bg", "current_no_bg", "current_with_bg", "hiou_no_bg", "hiou_with_bg"}
@@ -37,10 +42,38 @@ def test_two_step_experiment_writes_results_and_reuses_step_zero(tiny_config, tm
     table = (out / "comparison.md").read_text()
     assert all(f"| {m} |" in table for m in ("joint", "ft", "mib", "wilson"))
 
+    check_qualitative_examples(tiny_config, out)
+
     # A second run reuses the cached step-0 model for every method.
     again = run.run_experiment(apply_overrides(tiny_config, ["methods=[mib]"]))
     assert again["mib"]["steps"][0]["trained"] is False
     assert json.dumps(again["mib"]["steps"][0]["summary"]) == json.dumps(results["mib"]["steps"][0]["summary"])
+
+
+def check_qualitative_examples(config, out):
+    """Every method shows the same 4 test images; the saved image and ground truth are the test
+    files through the evaluation geometry (short side 40 -> 32, so a plain resize), worked out
+    here with OpenCV; WILSON alone has pseudo-labels; the figures exist."""
+    examples = {m: load_examples(out / m / "seed42" / "qualitative.npz") for m in ("joint", "ft", "mib", "wilson")}
+    rows = examples["joint"]["rows"]
+    assert len(rows) == 4 and len(set(rows)) == 4 and all(e["rows"] == rows for e in examples.values())
+    test = datasets.locate("synthetic", config["data"]["root"], config["data"]["options"]).test
+    masks = [load_mask(test.masks[row]) for row in rows]
+    # A new class (16-20) is in each chosen image whenever the test set has 4 such images.
+    if sum(bool(set(np.unique(load_mask(m)).tolist()) & set(range(16, 21))) for m in test.masks) >= 4:
+        assert all(set(np.unique(m).tolist()) & set(range(16, 21)) for m in masks)
+    for i, row in enumerate(rows):
+        expected_mask = cv2.resize(masks[i], (32, 32), interpolation=cv2.INTER_NEAREST)
+        assert (examples["mib"]["ground_truths"][i] == expected_mask).all()
+        expected_image = cv2.resize(load_image(test.images[row]), (32, 32), interpolation=cv2.INTER_LINEAR)
+        assert np.abs(examples["mib"]["images"][i].astype(int) - expected_image.astype(int)).max() <= 1
+        for method, saved in examples.items():
+            assert saved["predictions"][i].shape == (32, 32)
+            assert set(np.unique(saved["predictions"][i]).tolist()) <= set(range(21))
+    assert examples["wilson"]["pseudo_labels"] is not None and len(examples["wilson"]["pseudo_labels"]) == 4
+    assert all(examples[m]["pseudo_labels"] is None for m in ("joint", "ft", "mib"))
+    for path in [out / "qualitative.png", *(out / m / "seed42" / "qualitative.png" for m in examples)]:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_the_step_zero_cache_key_separates_what_changes_the_model(tiny_config):

@@ -65,6 +65,13 @@ class Method:
         """Multiplier of every group's lr at `iteration`; by default the poly decay."""
         return poly_factor(iteration, total_iterations, power)
 
+    def pseudo_labels(self, module, images: torch.Tensor, new_labels: torch.Tensor) -> torch.Tensor | None:
+        """What the method trains the network on at a step t >= 1 when it makes its own labels
+        (WILSON's localizer), as hard labels: (B, H, W) channel ids at the images' resolution, for
+        the qualitative figure. new_labels (B, new classes): the images' multi-hot labels. None
+        for methods trained on the ground truth."""
+        return None
+
     def step0_training_loss(self, module, batch) -> tuple[torch.Tensor, dict]:
         """Step 0 is fully supervised: softmax cross-entropy (step0_loss "ce") or per-class BCE
         on one-hot targets (step0_loss "bce", WILSON), on the upsampled logits."""

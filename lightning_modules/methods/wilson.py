@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
+from datamodules.transforms import unnormalize
 from lightning_modules.losses import (balanced_self_training_loss, masked_localizer_probabilities,
                                       ngwp_focal_scores, pamr, pseudo_label_masks, soft_segmentation_bce,
                                       wilson_targets)
@@ -38,13 +38,6 @@ def build_localizer(in_channels: int, num_classes: int, channels: int = 256) -> 
         nn.Conv2d(in_channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.LeakyReLU(0.01),
         nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.LeakyReLU(0.01),
         nn.Conv2d(channels, num_classes, 1))
-
-
-def unnormalize(images: torch.Tensor) -> torch.Tensor:
-    """The RGB image in [0, 1] from the ImageNet-normalised input (what PAMR compares)."""
-    mean = images.new_tensor(IMAGENET_MEAN).view(1, -1, 1, 1)
-    std = images.new_tensor(IMAGENET_STD).view(1, -1, 1, 1)
-    return images * std + mean
 
 
 @dataclass
@@ -142,6 +135,23 @@ class WILSON(Method):
             # parameter, as the official code does (weight decay and momentum still apply).
             loss = loss + 0.0 * logits.sum()
         return loss, terms
+
+
+    @torch.no_grad()
+    def pseudo_labels(self, module, images, new_labels):
+        """argmax of the soft targets of L_SEG (sigmoid(old) for old classes, the masked
+        localizer for bg/new), upsampled bilinearly to the image: what the network learns from."""
+        if module.step == 0 or module.old_network is None:
+            return None
+        old_logits = module.old_network(images)["logits_lowres"]
+        features = module.network(images)["encoder"]
+        localizer = module.step_modules["localizer"]
+        was_training = localizer.training
+        localizer.eval()
+        targets = wilson_targets(old_logits, localizer(features), new_labels.float(), self.alpha)
+        localizer.train(was_training)
+        targets = F.interpolate(targets.float(), size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return targets.argmax(dim=1)
 
 
 METHOD = WILSON

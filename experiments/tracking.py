@@ -1,0 +1,112 @@
+"""wandb: the mode (online when the user has an account, offline otherwise), one run per method
+and seed grouped and tagged for a dashboard, and one "summary" run per experiment that holds the
+comparison table and the experiment's figures.
+
+How runs are organised (README "The wandb dashboard" builds on it):
+  group     the experiment name (voc_15_5_disjoint); every method and seed of it
+  job_type  the method (mib, wilson, ...) or "summary" / "compare"
+  tags      experiment, method, dataset, setting (15-5), mode (disjoint), supervision
+            (pixel-labels / image-labels), seed<k>
+  config    the resolved experiment config plus method, setting, supervision, seed, world size
+            and effective batch, so that panels can group by any of them
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+TASK_STEP_METRIC = "task_step"  # the x-axis of the per-step curves ("task/..." keys)
+
+
+def wandb_mode(setting: str) -> str:
+    """"auto": online when the user has configured wandb (WANDB_MODE, an API key or a login),
+    offline otherwise; "online", "offline", "disabled" as given."""
+    if setting != "auto":
+        return setting
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    netrc = Path.home() / ".netrc"
+    logged_in = os.environ.get("WANDB_API_KEY") or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
+    return "online" if logged_in else "offline"
+
+
+def world_size(config: dict) -> int:
+    trainer = config.get("trainer") or {}
+    devices = trainer.get("devices", 1)
+    count = devices if isinstance(devices, int) else len(devices) if isinstance(devices, (list, tuple)) else 1
+    return max(1, count) * int(trainer.get("num_nodes", 1))
+
+
+def run_tags(config: dict, job: str, supervision: str | None = None) -> list[str]:
+    """What a dashboard filters on (job: the method, or "summary"); wandb tags are at most 64
+    characters."""
+    data = config["data"]
+    tags = [config["name"], job, data["dataset"], str(data["task"]), data["mode"],
+            *([f"{supervision}-labels"] if supervision else []), f"seed{config['seed']}"]
+    return [tag[:64] for tag in dict.fromkeys(tags)]
+
+
+def build_logger(config: dict, method_name: str, supervision: str, run_dir: Path, effective_batch: int | None = None):
+    """The Lightning WandbLogger of one method and seed (False when wandb is disabled)."""
+    logger_cfg = config.get("logger") or {}
+    mode = wandb_mode(logger_cfg.get("wandb", "auto"))
+    if mode == "disabled":
+        return False
+    from pytorch_lightning.loggers import WandbLogger
+
+    data = config["data"]
+    run_config = dict(config, method=method_name, seed=config["seed"], setting=str(data["task"]),
+                      supervision=supervision, world_size=world_size(config),
+                      effective_batch=effective_batch or world_size(config) * data["batch_size"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return WandbLogger(project=logger_cfg.get("project", "ciss"), group=config["name"], job_type=method_name,
+                       name=f"{config['name']}-{method_name}-seed{config['seed']}", save_dir=str(run_dir), mode=mode,
+                       config=run_config, tags=run_tags(config, method_name, supervision), log_model=False)
+
+
+def define_task_step_metrics(run) -> None:
+    """Plot "task/*" against the incremental step, not wandb's internal step counter."""
+    run.define_metric(TASK_STEP_METRIC)
+    run.define_metric("task/*", step_metric=TASK_STEP_METRIC)
+
+
+def log_task_step(run, step: int, summary: dict) -> None:
+    """One point per incremental step: task/old_no_bg, task/all_with_bg, ... at task_step = t."""
+    run.log({TASK_STEP_METRIC: step, **{f"task/{k}": v for k, v in summary.items() if not _missing(v)}})
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def log_summary_run(experiment: str, job_type: str, tags: list[str], table_rows: list[dict] | None = None,
+                    figures: dict | None = None, config: dict | None = None, project: str = "ciss",
+                    mode: str | None = None, save_dir=None):
+    """One wandb run of `job_type` in the experiment's group: `table_rows` as the wandb.Table
+    "comparison" and `figures` ({key: PNG path}) as images. mode: as wandb_mode, "disabled"
+    logs nothing. Returns the run's local directory (None when disabled)."""
+    mode = mode or wandb_mode("auto")
+    if mode == "disabled":
+        return None
+    import wandb
+
+    if save_dir is not None:
+        Path(save_dir).mkdir(parents=True, exist_ok=True)
+    run = wandb.init(project=project, job_type=job_type, group=experiment, name=f"{experiment}-{job_type}",
+                     tags=[tag[:64] for tag in dict.fromkeys(tags)], mode=mode,
+                     dir=None if save_dir is None else str(save_dir), config=config or {"experiment": experiment},
+                     reinit="finish_previous")
+    try:
+        logged = {}
+        if table_rows:
+            columns = list(dict.fromkeys(key for row in table_rows for key in row))
+            data = [[None if _missing(row.get(key)) else row.get(key) for key in columns] for row in table_rows]
+            logged["comparison"] = wandb.Table(columns=columns, data=data)
+        for key, path in (figures or {}).items():
+            logged[key] = wandb.Image(str(path))
+        if logged:
+            run.log(logged)
+        return Path(run.dir).parent
+    finally:
+        run.finish()
