@@ -6,52 +6,100 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from datamodules import datasets, splits
 from datamodules.datasets.voc import SplitFiles, load_image, load_mask
 from datamodules.labels import label_lookup, new_class_labels, remap
 from datamodules.presence import dataset_presence
+from datamodules.sampling import EpochTrainingSampler, ShardedEvaluationSampler, seed_augmentation
 from datamodules.tasks import NUM_FOREGROUND, task_classes
 from datamodules.transforms import eval_transform, train_transform
 
 SUPERVISIONS = ("pixel", "image")
+ON_UNREADABLE = ("stop", "skip")
 
 
-class PixelLabelled(Dataset):
-    """Images with their masks remapped by a label lookup: {"image", "label", "index"}."""
+class UnreadableSample(RuntimeError):
+    """An image or mask that cannot be read during training (the files were checked before the
+    run, so it changed or broke since). One line, starting with the file's path."""
 
-    def __init__(self, files: SplitFiles, indices: np.ndarray, lookup: np.ndarray, transform):
-        self.files, self.indices, self.lookup, self.transform = files, indices, lookup, transform
+
+class _Samples(Dataset):
+    """Shared by both kinds: rows of a split, a transform seeded per (epoch, image) when the
+    sampler gives an epoch (datamodules.sampling), and what to do with an unreadable file:
+    "stop" raises UnreadableSample, "skip" returns None, which `collate_skipping` drops and counts."""
+
+    def __init__(self, files: SplitFiles, indices: np.ndarray, transform, seed: int = 0, on_unreadable: str = "stop"):
+        if on_unreadable not in ON_UNREADABLE:
+            raise ValueError(f"data.on_unreadable must be one of {ON_UNREADABLE}, not {on_unreadable!r}")
+        self.files, self.indices, self.transform = files, indices, transform
+        self.seed, self.on_unreadable = seed, on_unreadable
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, key):
+        epoch, i = key if isinstance(key, tuple) else (None, key)
         row = int(self.indices[i])
-        image = load_image(self.files.images[row])
+        if epoch is not None:
+            seed_augmentation(self.transform, self.seed, epoch, row)
+        try:
+            return self._load(i, row)
+        except UnreadableSample as error:
+            if self.on_unreadable == "stop":
+                raise
+            return {"unreadable": str(error)}
+
+    def _read(self, reader, path):
+        try:
+            return reader(path)
+        except (OSError, ValueError, SyntaxError) as error:  # PIL: OSError (truncated, unidentified), SyntaxError
+            raise UnreadableSample(f"{path}: cannot be read ({error})") from None
+
+
+class PixelLabelled(_Samples):
+    """Images with their masks remapped by a label lookup: {"image", "label", "index"}."""
+
+    def __init__(self, files: SplitFiles, indices: np.ndarray, lookup: np.ndarray, transform, **kwargs):
+        super().__init__(files, indices, transform, **kwargs)
+        self.lookup = lookup
+
+    def _load(self, i: int, row: int) -> dict:
+        image = self._read(load_image, self.files.images[row])
         # Remap before the geometry so that padding (fill_mask=255) stays void in every phase.
-        mask = remap(load_mask(self.files.masks[row]), self.lookup)
+        mask = remap(self._read(load_mask, self.files.masks[row]), self.lookup)
         if mask.shape != image.shape[:2]:
-            raise ValueError(f"{self.files.masks[row]}: mask is {mask.shape}, image is {image.shape[:2]}")
+            raise UnreadableSample(f"{self.files.masks[row]}: mask is {mask.shape[0]}x{mask.shape[1]}, its image "
+                                   f"{self.files.images[row]} is {image.shape[0]}x{image.shape[1]}")
         out = self.transform(image=image, mask=mask)
         return {"image": out["image"], "label": out["mask"].long(), "index": row}
 
 
-class ImageLabelled(Dataset):
+class ImageLabelled(_Samples):
     """Images with the multi-hot label of the step's new classes, and no mask at all:
     {"image", "new_class_labels", "index"}. The masks are never opened here."""
 
-    def __init__(self, files: SplitFiles, indices: np.ndarray, labels: np.ndarray, transform):
-        self.files, self.indices, self.labels, self.transform = files, indices, labels, transform
+    def __init__(self, files: SplitFiles, indices: np.ndarray, labels: np.ndarray, transform, **kwargs):
+        super().__init__(files, indices, transform, **kwargs)
+        self.labels = labels
 
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> dict:
-        row = int(self.indices[i])
-        out = self.transform(image=load_image(self.files.images[row]))
+    def _load(self, i: int, row: int) -> dict:
+        out = self.transform(image=self._read(load_image, self.files.images[row]))
         return {"image": out["image"], "new_class_labels": torch.from_numpy(self.labels[i]), "index": row}
+
+
+def collate_skipping(samples: list[dict]) -> dict:
+    """default_collate of the readable samples; "unreadable": the messages of the skipped ones,
+    when there are any."""
+    skipped = [s["unreadable"] for s in samples if "unreadable" in s]
+    readable = [s for s in samples if "unreadable" not in s]
+    if not readable:
+        raise UnreadableSample(f"every image of a batch is unreadable: {skipped[0]}")
+    batch = default_collate(readable)
+    if skipped:
+        batch["unreadable"] = skipped
+    return batch
 
 
 def validation_rows(num_rows: int, fraction: float, seed: int = 0) -> np.ndarray:
@@ -79,7 +127,8 @@ class IncrementalSegmentationDataModule(pl.LightningDataModule):
                  train_scale=(0.5, 2.0), eval_mode: str = "center_crop", test_images: str = "seen",
                  void_as_background: bool = True, future_classes_in_test: str = "ignore",
                  size_divisor: int = 16, num_workers: int = 2, dataset_options: dict | None = None,
-                 validation_fraction: float = 0.0, eval_crop_size: int | None = None):
+                 validation_fraction: float = 0.0, eval_crop_size: int | None = None, seed: int = 0,
+                 on_unreadable: str = "stop"):
         super().__init__()
         if supervision not in SUPERVISIONS:
             raise ValueError(f"unknown supervision {supervision!r}; expected one of {SUPERVISIONS}")
@@ -98,6 +147,12 @@ class IncrementalSegmentationDataModule(pl.LightningDataModule):
         self.test_images, self.void_as_background = test_images, void_as_background
         self.future_classes_in_test, self.size_divisor = future_classes_in_test, size_divisor
         self.num_workers, self.dataset_options = num_workers, dataset_options or {}
+        # seed: the training order and augmentation (datamodules.sampling); on_unreadable: "stop"
+        # or "skip" an image that breaks during training.
+        if on_unreadable not in ON_UNREADABLE:
+            raise ValueError(f"data.on_unreadable must be one of {ON_UNREADABLE}, not {on_unreadable!r}")
+        self.seed, self.on_unreadable = seed, on_unreadable
+        self.evaluated_split = "test"  # what test_dataloader serves: "test" or "val"
         if not 0.0 <= validation_fraction < 1.0:
             raise ValueError(f"validation_fraction must be in [0, 1), not {validation_fraction}")
         self.validation_fraction = validation_fraction
@@ -121,11 +176,13 @@ class IncrementalSegmentationDataModule(pl.LightningDataModule):
         if self.supervision == "image":
             labels = np.stack([new_class_labels(self.train_presence[i], self.steps, self.step)
                                for i in self.train_indices]) if len(self.train_indices) else np.zeros((0, 0), np.float32)
-            self.train_set = ImageLabelled(located.train, self.train_indices, labels, train_tf)
+            self.train_set = ImageLabelled(located.train, self.train_indices, labels, train_tf, seed=self.seed,
+                                           on_unreadable=self.on_unreadable)
         else:
             lookup = label_lookup(self.steps, self.step, "train", void_as_background=self.void_as_background,
                                   old_classes=self.old_labels, background_is_unlabeled=unlabeled)
-            self.train_set = PixelLabelled(located.train, self.train_indices, lookup, train_tf)
+            self.train_set = PixelLabelled(located.train, self.train_indices, lookup, train_tf, seed=self.seed,
+                                           on_unreadable=self.on_unreadable)
         test_lookup = label_lookup(self.steps, self.step, "test", future_classes=self.future_classes_in_test,
                                    background_is_unlabeled=unlabeled)
         eval_tf = eval_transform(self.eval_crop_size, self.eval_mode, self.size_divisor)
@@ -148,24 +205,41 @@ class IncrementalSegmentationDataModule(pl.LightningDataModule):
             return np.asarray(select(self.train_presence, self.steps, self.step, self.mode), dtype=np.int64)
         return splits.select_cumulative_images(self.train_presence, self.steps, self.step, self.mode, select=select)
 
-    def train_dataloader(self) -> DataLoader:
-        # drop_last: a last batch of one image breaks batch norm in DeepLab's pooling branch.
-        return DataLoader(self.train_set, batch_size=min(self.batch_size, len(self.train_set)), shuffle=True,
-                          drop_last=True, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          pin_memory=torch.cuda.is_available())
+    def _rank_and_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
-    def validation_dataloader(self) -> DataLoader:
-        # Not Lightning's `val_dataloader`: the held-out images are scored once after each step
-        # (experiments.run), not during fit.
-        if self.val_set is None:
-            raise ValueError("no validation images: set data.validation_fraction > 0")
-        return self._evaluation_loader(self.val_set)
+    def _accumulation(self) -> int:
+        return int(getattr(self.trainer, "accumulate_grad_batches", 1) or 1) if self.trainer is not None else 1
+
+    def train_dataloader(self) -> DataLoader:
+        # Whole global batches only (the sampler drops the rest): a last batch of one image breaks
+        # batch norm in DeepLab's pooling branch.
+        rank, world = self._rank_and_world()
+        accumulation = self._accumulation()
+        batch = min(self.batch_size, len(self.train_set) // (world * accumulation))
+        if batch < 1:
+            raise ValueError(f"step {self.step} has {len(self.train_set)} training images, fewer than one per "
+                             f"process and accumulated batch ({world} x {accumulation})")
+        sampler = EpochTrainingSampler(len(self.train_set), batch, self.seed, rank, world, accumulation=accumulation)
+        return DataLoader(self.train_set, batch_size=batch, sampler=sampler, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
+                          collate_fn=collate_skipping)
 
     def test_dataloader(self) -> DataLoader:
+        """The test set, or the held-out training images when `evaluated_split` is "val" (scored
+        once after each step by experiments.run, not during fit: not Lightning's val_dataloader).
+        Served through trainer.test(datamodule=...), so that the loader is built once the
+        processes exist and knows its rank."""
+        if self.evaluated_split == "val":
+            if self.val_set is None:
+                raise ValueError("no validation images: set data.validation_fraction > 0")
+            return self._evaluation_loader(self.val_set)
         return self._evaluation_loader(self.test_set)
 
     def _evaluation_loader(self, dataset) -> DataLoader:
         # Full-resolution images differ in size: one per batch.
         batch = 1 if self.eval_mode == "full" else self.test_batch_size
-        return DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=self.num_workers,
-                          pin_memory=torch.cuda.is_available())
+        rank, world = self._rank_and_world()
+        return DataLoader(dataset, batch_size=batch, sampler=ShardedEvaluationSampler(len(dataset), rank, world),
+                          num_workers=self.num_workers, pin_memory=torch.cuda.is_available())

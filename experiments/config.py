@@ -20,9 +20,39 @@ FREE_FORM = ("methods.", "data.options.", "expected.")
 # Settings every experiment has, so that they can be overridden from any file: the held-out
 # share of the training images for hyper-parameter searches (0: none, the papers' protocol); the
 # test crop when it differs from the training crop (null: the same).
-DEFAULTS = {"data": {"validation_fraction": 0.0, "eval_crop_size": None},
-            # Test images shown in the qualitative figure (image | ground truth | predictions); 0: none.
-            "figures": {"qualitative_images": 4}}
+DEFAULTS = {
+    # on_unreadable: an image that breaks during training stops the run ("stop") or is skipped and
+    # counted ("skip"); every file is checked before training anyway (datamodules.validate).
+    "data": {"validation_fraction": 0.0, "eval_crop_size": None, "on_unreadable": "stop"},
+    # Test images shown in the qualitative figure (image | ground truth | predictions); 0: none.
+    "figures": {"qualitative_images": 4},
+    # Processes and speed (README "Multi-GPU"): devices x num_nodes processes, each with
+    # data.batch_size images; precision 32-true | 16-mixed | bf16-mixed; compile: false, true
+    # (inductor) or a torch.compile backend name.
+    "trainer": {"accelerator": "auto", "devices": 1, "num_nodes": 1, "strategy": "auto", "precision": "32-true",
+                "accumulate_grad_batches": 1, "sync_batchnorm": True, "channels_last": False, "compile": False,
+                "deterministic": False, "log_every_n_steps": 10, "limit_train_batches": 1.0,
+                "limit_test_batches": 1.0},
+    # The lr of the schedule is for `reference_batch` images per update (the file's data.batch_size
+    # unless given); with another effective batch it is scaled linearly (PROTOCOL.md §6).
+    "optimizer": {"scale_lr": True, "reference_batch": None},
+    # A Lightning checkpoint every n epochs of a step, and one per finished step; a run started
+    # again with the same command continues from them (resume: false starts over).
+    "checkpoint": {"every_n_epochs": 1},
+    "resume": True,
+}
+# The keys an experiment file may hold (a misspelt key in a file is an error, as in an override).
+KNOWN_KEYS = {
+    "": {"name", "description", "base", "based_on", "data", "network", "schedule", "optimizer", "trainer", "logger",
+         "methods", "expected", "seed", "output_dir", "cache_dir", "figures", "checkpoint", "resume"},
+    "data": {"dataset", "root", "task", "mode", "batch_size", "test_batch_size", "crop_size", "eval_crop_size",
+             "train_scale", "eval_mode", "test_images", "void_as_background", "future_classes_in_test", "num_workers",
+             "options", "validation_fraction", "on_unreadable"},
+    "optimizer": {"momentum", "nesterov", "weight_decay", "poly_power", "scale_lr", "reference_batch"},
+    "schedule": {"step0", "incremental"},
+    "logger": {"wandb", "project"},
+    **{section: set(DEFAULTS[section]) for section in ("trainer", "figures", "checkpoint")},
+}
 
 
 class ConfigError(ValueError):
@@ -58,7 +88,24 @@ def load_experiment(name: str) -> dict:
         config = _merge(base, config)
         config["based_on"] = base["name"]
     config["name"] = path.stem
-    return _merge(DEFAULTS, config)
+    config = _merge(DEFAULTS, config)
+    check_keys(config, path.name)
+    if config["optimizer"]["reference_batch"] is None:  # fixed here, before any override of the batch
+        config["optimizer"]["reference_batch"] = (config.get("data") or {}).get("batch_size")
+    return config
+
+
+def check_keys(config: dict, where: str) -> None:
+    """Every key of the sections with a fixed set of keys is known (KNOWN_KEYS)."""
+    for section, known in KNOWN_KEYS.items():
+        node = config if not section else config.get(section)
+        if not isinstance(node, dict):
+            continue
+        unknown = sorted(set(node) - known)
+        if unknown:
+            where_in = f"{section}." if section else ""
+            raise ConfigError(f"{where}: unknown config key {where_in}{unknown[0]!r}; known keys there: "
+                              f"{', '.join(sorted(known))}")
 
 
 def _set(config: dict, dotted: str, value) -> None:

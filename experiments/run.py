@@ -25,23 +25,25 @@ import torch
 import yaml
 from rich.console import Console
 
+from callbacks.checkpointing import AtomicCheckpointIO, RandomStateCallback, save_atomically
 from callbacks.figures import log_figures_to_wandb, plot_per_class_iou, write_experiment_figures
 from callbacks.teacher import TeacherCallback
 from datamodules import datasets
-from datamodules.incremental import IncrementalSegmentationDataModule
-from datamodules.tasks import channel_order, task_classes
+from datamodules.incremental import IncrementalSegmentationDataModule, UnreadableSample
+from datamodules.tasks import NUM_FOREGROUND, channel_order, task_classes
+from datamodules.validate import DatasetFileError, check_dataset
 from experiments.config import apply_overrides, load_experiment, resolve
 from experiments.qualitative import (EXAMPLES_FILE, choose_examples, load_examples, plot_experiment_qualitative,
                                       predict_examples, save_examples)
 from experiments.report import comparison_rows, print_comparison, write_comparison
 from experiments.tracking import (build_logger, define_task_step_metrics, log_summary_run, log_task_step, run_tags,
-                                  wandb_mode)
+                                  wandb_mode, world_size)
 from lightning_modules.methods import build_method
 from lightning_modules.metrics import summarize_run
-from lightning_modules.module import IncrementalSegmentationModule
+from lightning_modules.module import IncrementalSegmentationModule, NonFiniteLoss
 from lightning_modules.network import PretrainedWeightsUnavailable, SegmentationNetwork
 
-STEP0_CACHE_VERSION = 1
+STEP0_CACHE_VERSION = 2  # 2: per-(epoch, image) augmentation seeds, batches independent of the process count
 console = Console()
 
 
@@ -66,7 +68,8 @@ def build_datamodule(config: dict, method, steps, step: int) -> IncrementalSegme
         future_classes_in_test=data.get("future_classes_in_test", "ignore"),
         size_divisor=config["network"].get("output_stride", 16), num_workers=loader_workers(data.get("num_workers", "auto")),
         dataset_options=data.get("options") or {}, validation_fraction=data.get("validation_fraction", 0.0),
-        eval_crop_size=data.get("eval_crop_size"))
+        eval_crop_size=data.get("eval_crop_size"), seed=config["seed"] + step,
+        on_unreadable=data.get("on_unreadable", "stop"))
 
 
 def loader_workers(setting) -> int:
@@ -85,18 +88,70 @@ def schedule_for(config: dict, method_entry: dict, step: int) -> dict:
     return schedule
 
 
-def build_trainer(config: dict, epochs: int, logger, callbacks: list) -> pl.Trainer:
-    trainer_cfg = config.get("trainer") or {}
+def effective_batch(config: dict) -> int:
+    """Images per optimizer update: processes x per-process batch x gradient accumulation."""
+    return world_size(config) * config["data"]["batch_size"] * int(config["trainer"]["accumulate_grad_batches"])
+
+
+def lr_scale(config: dict) -> float:
+    """Linear scaling of every lr from the experiment's reference batch (PROTOCOL.md §6), unless
+    optimizer.scale_lr is false."""
+    optimizer = config["optimizer"]
+    reference = optimizer.get("reference_batch") or config["data"]["batch_size"]
+    return effective_batch(config) / reference if optimizer.get("scale_lr", True) else 1.0
+
+
+def build_trainer(config: dict, epochs: int, logger, callbacks: list, checkpoint_file: Path | None = None) -> pl.Trainer:
+    """One Trainer per step. With `checkpoint_file`, a Lightning checkpoint of the step is written
+    there (atomically) every checkpoint.every_n_epochs epochs, with the random states."""
+    t = config["trainer"]
+    processes = world_size(config)
+    strategy = "ddp" if t["strategy"] == "auto" and processes > 1 else t["strategy"]
+    callbacks = callbacks + [RandomStateCallback(), pl.callbacks.RichProgressBar(leave=False)]
+    if checkpoint_file is not None:
+        callbacks.append(pl.callbacks.ModelCheckpoint(
+            dirpath=checkpoint_file.parent, filename=checkpoint_file.stem, save_top_k=1, save_last=False,
+            every_n_epochs=config["checkpoint"]["every_n_epochs"], save_on_train_epoch_end=True,
+            enable_version_counter=False))
     return pl.Trainer(
-        max_epochs=epochs, logger=logger, callbacks=callbacks + [pl.callbacks.RichProgressBar(leave=False)],
-        accelerator=trainer_cfg.get("accelerator", "auto"), devices=trainer_cfg.get("devices", 1),
-        precision=trainer_cfg.get("precision", "32-true"), enable_checkpointing=False,
-        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-        log_every_n_steps=trainer_cfg.get("log_every_n_steps", 10), default_root_dir=config["output_dir"],
-        deterministic=trainer_cfg.get("deterministic", False),
+        max_epochs=epochs, logger=logger, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
+        accelerator=t["accelerator"], devices=t["devices"], num_nodes=t["num_nodes"], strategy=strategy,
+        precision=t["precision"], accumulate_grad_batches=t["accumulate_grad_batches"],
+        sync_batchnorm=uses_sync_batchnorm(config),
+        # The datamodule shards by itself (datamodules.sampling): the same global batches for any
+        # number of processes, and no padded duplicates in the test set.
+        use_distributed_sampler=False,
+        enable_checkpointing=checkpoint_file is not None, enable_model_summary=False, limit_val_batches=0,
+        num_sanity_val_steps=0, log_every_n_steps=t["log_every_n_steps"], default_root_dir=config["output_dir"],
+        deterministic=t["deterministic"],
         # A few batches per epoch and per test: the smoke test of every experiment file.
-        limit_train_batches=trainer_cfg.get("limit_train_batches", 1.0),
-        limit_test_batches=trainer_cfg.get("limit_test_batches", 1.0))
+        limit_train_batches=t["limit_train_batches"], limit_test_batches=t["limit_test_batches"])
+
+
+def uses_sync_batchnorm(config: dict) -> bool:
+    """SyncBatchNorm under DDP (PROTOCOL.md §6) on GPUs. PyTorch implements it for GPUs only, so
+    CPU processes keep per-process batch norm (and say so at the start)."""
+    t = config["trainer"]
+    on_gpu = t["accelerator"] in ("gpu", "cuda") or (t["accelerator"] == "auto" and torch.cuda.is_available())
+    return bool(t["sync_batchnorm"]) and world_size(config) > 1 and on_gpu
+
+
+def agree(value):
+    """Rank 0's `value` on every process once the processes exist. Before (the first step of the
+    first method), every process decides from the same files, so they agree anyway."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        holder = [value]
+        dist.broadcast_object_list(holder, src=0)
+        return holder[0]
+    return value
+
+
+def is_global_zero() -> bool:
+    from pytorch_lightning.utilities import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
 
 
 # --- step 0: shared by every method with the same step-0 setting ----------------------------
@@ -109,43 +164,48 @@ def step0_cache_path(config: dict, method, steps) -> Path:
         "schedule": config["schedule"]["step0"], "optimizer": config["optimizer"], "batch_size": data["batch_size"],
         "crop_size": data["crop_size"], "train_scale": data.get("train_scale"),
         "void_as_background": data.get("void_as_background", True), "seed": config["seed"],
-        "precision": (config.get("trainer") or {}).get("precision", "32-true"),
+        "precision": config["trainer"]["precision"], "effective_batch": effective_batch(config),
+        "lr_scale": lr_scale(config), "sync_batchnorm": config["trainer"]["sync_batchnorm"],
         "validation_fraction": data.get("validation_fraction", 0.0),
     }
     digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return Path(config["cache_dir"]) / f"step0-{digest}.pt"
 
 
-def _save_atomically(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(obj, temporary)
-    temporary.replace(path)
-
-
 # --- one step -------------------------------------------------------------------------------
-def run_step(config, method, method_entry, steps, step, network, logger, names, train=True, examples_path=None):
+def run_step(config, method, method_entry, steps, step, network, logger, names, train=True, examples_path=None,
+             checkpoint_file: Path | None = None):
     """Train step `step` (unless `train` is False: a cached step-0 model) and test it; with
-    `examples_path`, also save the qualitative examples (experiments.qualitative) there."""
+    `examples_path`, also save the qualitative examples (experiments.qualitative) there. With
+    `checkpoint_file`, the step's training is checkpointed there and resumed from it if it exists."""
     pl.seed_everything(config["seed"] + step, verbose=False)
     schedule = schedule_for(config, method_entry, step)
     datamodule = build_datamodule(config, method, steps, step)
+    trainer_cfg = config["trainer"]
     module = IncrementalSegmentationModule(
-        network, method, steps, step, lr=schedule["lr"], momentum=config["optimizer"]["momentum"],
+        network, method, steps, step, lr=schedule["lr"] * lr_scale(config), momentum=config["optimizer"]["momentum"],
         nesterov=config["optimizer"]["nesterov"], weight_decay=config["optimizer"]["weight_decay"],
-        poly_power=config["optimizer"]["poly_power"], class_names=[names.get(c, str(c)) for c in channel_order(steps, step)])
-    trainer = build_trainer(config, schedule["epochs"], logger, [TeacherCallback(len(steps[step]))])
+        poly_power=config["optimizer"]["poly_power"], class_names=[names.get(c, str(c)) for c in channel_order(steps, step)],
+        channels_last=trainer_cfg["channels_last"], compile_network=trainer_cfg["compile"])
+    trainer = build_trainer(config, schedule["epochs"], logger, [TeacherCallback(len(steps[step]))],
+                            checkpoint_file=checkpoint_file if train else None)
     started = time.time()
     if train:
-        trainer.fit(module, datamodule=datamodule)
+        resume_from = agree(checkpoint_file is not None and checkpoint_file.exists())
+        if resume_from:
+            console.print(f"  resuming step {step} from {checkpoint_file}")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(checkpoint_file) if resume_from else None)
     train_seconds = time.time() - started
+    # The network leaves the step uncompiled: the next step deep-copies it as its teacher, and a
+    # compiled call would still point at this (live) network.
+    network._compiled_call_impl = None
     validation = None
     datamodule.setup("test")  # idempotent; a cached step 0 has not been through fit's setup
     if datamodule.val_set is not None:
-        module.evaluation_split = "val"
-        trainer.test(module, dataloaders=datamodule.validation_dataloader(), verbose=False)
+        module.evaluation_split = datamodule.evaluated_split = "val"
+        trainer.test(module, datamodule=datamodule, verbose=False)
         validation = {"images": len(datamodule.val_set), "summary": module.test_summary}
-        module.evaluation_split = "test"
+        module.evaluation_split = datamodule.evaluated_split = "test"
     trainer.test(module, datamodule=datamodule, verbose=False)
     count = (config.get("figures") or {}).get("qualitative_images", 0)
     if examples_path is not None and count and trainer.is_global_zero:
@@ -154,58 +214,123 @@ def run_step(config, method, method_entry, steps, step, network, logger, names, 
     record = {
         "step": step, "classes": steps[step], "trained": train, "train_images": len(datamodule.train_set),
         "test_images": len(datamodule.test_set), "train_seconds": round(train_seconds, 1),
+        "unreadable_skipped": len(module.unreadable),
         "iou": {module.class_names[i]: (None if math.isnan(v) else float(v)) for i, v in enumerate(module.test_iou)},
         "summary": module.test_summary, "confusion": module.test_confusion.tolist(), "validation": validation,
     }
     return module.network, record, trainer.is_global_zero
 
 
+# --- one method: its steps, resumable --------------------------------------------------------
+def run_fingerprint(config: dict, method_name: str) -> str:
+    """What makes two runs the same run: the resolved config (without how it is logged or drawn)
+    and the method. A saved run with another fingerprint is not resumed."""
+    relevant = {k: v for k, v in config.items() if k not in ("logger", "figures", "resume")}
+    text = json.dumps({"config": relevant, "method": method_name}, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def _nan_for_null(record: dict) -> dict:
+    """A step record read back from results.json: null means-of-nothing become NaN again."""
+    record = dict(record)
+    record["summary"] = {k: (math.nan if v is None else v) for k, v in record["summary"].items()}
+    if record.get("validation"):
+        record["validation"] = dict(record["validation"], summary={
+            k: (math.nan if v is None else v) for k, v in record["validation"]["summary"].items()})
+    return record
+
+
+def saved_run(run_dir: Path, fingerprint: str) -> dict | None:
+    """The results saved by an earlier start of the same run (same fingerprint), or None."""
+    path = run_dir / "results.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    if saved.get("fingerprint") != fingerprint:
+        return None
+    saved["steps"] = [_nan_for_null(r) for r in saved.get("steps", [])]
+    if saved.get("final"):
+        saved["final"] = {k: (math.nan if v is None else v) for k, v in saved["final"].items()}
+    return saved
+
+
+def _load_network(config: dict, path: Path) -> SegmentationNetwork:
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    network = build_network(config, saved["classes_per_step"], pretrained=False)
+    network.load_state_dict(saved["state_dict"])
+    return network
+
+
+def _network_state(network: SegmentationNetwork) -> dict:
+    return {"state_dict": network.state_dict(), "classes_per_step": list(network.classifier.classes_per_step)}
+
+
 def run_method(config: dict, method_name: str, steps) -> dict:
+    """Every step of one method, resumable: results.json is rewritten after each step, the
+    network after each step is kept in checkpoints/step<t>.pt and a step in progress is
+    checkpointed in checkpoints/fit-step<t>.ckpt; started again with the same config
+    (config.resume, default true), the run continues from there, and a complete run is reused."""
     entry = dict(config["methods"][method_name] or {})
     method = build_method(method_name, **{k: v for k, v in entry.items() if k != "schedule"})
     # One directory per seed, so that repeated runs are kept side by side for `make compare`.
     run_dir = Path(config["output_dir"]) / config["name"] / method_name / f"seed{config['seed']}"
+    checkpoints = run_dir / "checkpoints"
     names = datasets.class_names(config["data"]["dataset"], config["data"].get("options"))
-    logger = build_logger(config, method_name, method.supervision, run_dir)
+    fingerprint = run_fingerprint(config, method_name)
+    previous = agree(saved_run(run_dir, fingerprint) if config.get("resume", True) else None)
+    if previous and previous.get("complete"):
+        console.print(f"[bold]{method_name}[/]: complete results in {run_dir} reused (resume=false runs it again)")
+        return previous
+
+    done = (previous or {}).get("steps", [])
+    network_file = checkpoints / f"step{done[-1]['step']}.pt" if done else None
+    resumable = agree(network_file is not None and network_file.exists())
+    logger = build_logger(config, method_name, method.supervision, run_dir, effective_batch=effective_batch(config),
+                          wandb_id=(previous or {}).get("wandb_id"))
     if logger:
         define_task_step_metrics(logger.experiment)
     results = {"experiment": config["name"], "method": method_name, "hparams": method.hparams(),
-               "complete": False, "steps": [], "config": config}
-
-    cache = step0_cache_path(config, method, steps)
-    if cache.exists():
-        console.print(f"[bold]{method_name}[/]: step 0 from cache {cache}")
-        saved = torch.load(cache, map_location="cpu", weights_only=True)
-        network = build_network(config, saved["classes_per_step"], pretrained=False)
-        network.load_state_dict(saved["state_dict"])
-        network, record, is_main = run_step(config, method, entry, steps, 0, network, logger, names, train=False,
-                                            examples_path=run_dir / EXAMPLES_FILE if len(steps) == 1 else None)
+               "complete": False, "fingerprint": fingerprint, "steps": [], "config": config,
+               "wandb_id": getattr(logger.experiment, "id", None) if logger and is_global_zero() else None}
+    if resumable:
+        network = _load_network(config, network_file)
+        results["steps"] = done
+        console.print(f"[bold]{method_name}[/]: resuming after step {done[-1]['step']} ({network_file})")
     else:
-        console.print(f"[bold]{method_name}[/]: training step 0 ({len(steps[0]) - 1} classes)")
-        pl.seed_everything(config["seed"], verbose=False)
-        network = build_network(config, [len(steps[0])])
-        network, record, is_main = run_step(config, method, entry, steps, 0, network, logger, names,
-                                            examples_path=run_dir / EXAMPLES_FILE if len(steps) == 1 else None)
-        if is_main:
-            _save_atomically({"state_dict": network.state_dict(), "classes_per_step": [len(steps[0])]}, cache)
-    results["steps"].append(record)
-    _write_results(run_dir, results, is_main)
-    if logger:
-        log_task_step(logger.experiment, 0, record["summary"])
-    for step in range(1, len(steps)):
+        _write_results(run_dir, results, is_global_zero())  # the fingerprint, before anything is trained
+        cache = step0_cache_path(config, method, steps)
+        cached = agree(cache.exists())
+        examples = run_dir / EXAMPLES_FILE if len(steps) == 1 else None
+        if cached:
+            console.print(f"[bold]{method_name}[/]: step 0 from cache {cache}")
+            network = _load_network(config, cache)
+            network, record, is_main = run_step(config, method, entry, steps, 0, network, logger, names,
+                                                train=False, examples_path=examples)
+        else:
+            console.print(f"[bold]{method_name}[/]: training step 0 ({len(steps[0]) - 1} classes)")
+            pl.seed_everything(config["seed"], verbose=False)
+            network = build_network(config, [len(steps[0])])
+            network, record, is_main = run_step(config, method, entry, steps, 0, network, logger, names,
+                                                examples_path=examples, checkpoint_file=checkpoints / "fit-step0.ckpt")
+            if is_main:
+                save_atomically(_network_state(network), cache)
+        _finish_step(run_dir, results, record, network, logger, is_main)
+
+    for step in range(len(results["steps"]), len(steps)):
         console.print(f"[bold]{method_name}[/]: step {step} (classes {steps[step][0]}-{steps[step][-1]})")
         last = step == len(steps) - 1
         network, record, is_main = run_step(config, method, entry, steps, step, network, logger, names,
-                                            examples_path=run_dir / EXAMPLES_FILE if last else None)
-        results["steps"].append(record)
-        _write_results(run_dir, results, is_main)
-        if logger:
-            log_task_step(logger.experiment, step, record["summary"])
+                                            examples_path=run_dir / EXAMPLES_FILE if last else None,
+                                            checkpoint_file=checkpoints / f"fit-step{step}.ckpt")
+        _finish_step(run_dir, results, record, network, logger, is_main)
+
     results["final"] = summarize_run([r["summary"] for r in results["steps"]])
     if all(r.get("validation") for r in results["steps"]):
         # What a hyper-parameter search optimises (final/val/...): held-out training images.
         results["final_validation"] = summarize_run([r["validation"]["summary"] for r in results["steps"]])
     results["complete"] = True
+    is_main = is_global_zero()
     _write_results(run_dir, results, is_main)
     if is_main:
         figures = {"figures/per_class_iou": plot_per_class_iou(results, run_dir / "per_class_iou.png")}
@@ -220,6 +345,23 @@ def run_method(config: dict, method_name: str, steps) -> dict:
                                           if not math.isnan(v)})
         logger.experiment.finish()
     return results
+
+
+def _finish_step(run_dir: Path, results: dict, record: dict, network, logger, is_main: bool) -> None:
+    """After step t: its network to checkpoints/step<t>.pt, then the record to results.json, then
+    the step's training checkpoint and the previous step's network are removed. A kill between
+    any two of these leaves a state the next start resumes from correctly."""
+    step = record["step"]
+    checkpoints = run_dir / "checkpoints"
+    if is_main:
+        save_atomically(_network_state(network), checkpoints / f"step{step}.pt")
+    results["steps"].append(record)
+    _write_results(run_dir, results, is_main)
+    if is_main:
+        for stale in (checkpoints / f"fit-step{step}.ckpt", checkpoints / f"step{step - 1}.pt"):
+            stale.unlink(missing_ok=True)
+    if logger:
+        log_task_step(logger.experiment, step, record["summary"])
 
 
 def _json_safe(value):
@@ -238,10 +380,13 @@ def _write_results(run_dir: Path, results: dict, is_main: bool) -> None:
     if not is_main:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
+    results = dict(results)
     temporary = run_dir / "results.json.tmp"
     temporary.write_text(json.dumps(_json_safe(results), indent=1, default=float, allow_nan=False))
     temporary.replace(run_dir / "results.json")
     (run_dir / "config.yaml").write_text(yaml.safe_dump(results["config"], sort_keys=False))
+    if not results["steps"]:
+        return
     with open(run_dir / "metrics.csv", "w", newline="") as f:
         keys = list(results["steps"][0]["summary"])
         writer = csv.writer(f)
@@ -264,16 +409,30 @@ def prepare(config: dict) -> list[list[int]]:
     steps = task_classes(data["dataset"], data["task"])
     for name, entry in config["methods"].items():
         build_method(name, **{k: v for k, v in (entry or {}).items() if k != "schedule"})
-    datasets.locate(data["dataset"], data["root"], data.get("options"))
+    located = datasets.locate(data["dataset"], data["root"], data.get("options"))
+    # Every image and mask decoded once (cached per file list): a broken file, a mask of another
+    # size or with a class the dataset does not have stops the run here, naming the file.
+    check_dataset(located, NUM_FOREGROUND[data["dataset"]])
     return steps
 
 
 def run_experiment(config: dict) -> dict[str, dict]:
     steps = prepare(config)
     started = time.time()
+    scale, batch = lr_scale(config), effective_batch(config)
+    console.print(f"effective batch {batch} = {world_size(config)} process(es) x {config['data']['batch_size']} images"
+                  f" x {config['trainer']['accumulate_grad_batches']} accumulation; lr x{scale:g} (reference batch "
+                  f"{config['optimizer']['reference_batch']}{'' if config['optimizer']['scale_lr'] else ', scaling off'})")
+    if world_size(config) > 1:
+        console.print(f"{world_size(config)} processes; batch norm "
+                      + ("synchronised (SyncBatchNorm)" if uses_sync_batchnorm(config) else
+                         "per process (SyncBatchNorm needs GPUs)" if config["trainer"]["sync_batchnorm"] else
+                         "per process (trainer.sync_batchnorm=false)"))
     results = {name: run_method(config, name, steps) for name in config["methods"]}
-    rows = comparison_rows(config, results)
     out_dir = Path(config["output_dir"]) / config["name"]
+    if not is_global_zero():  # results, figures and logs: the main process only
+        return results
+    rows = comparison_rows(config, results)
     write_comparison(out_dir, config, rows)
     print_comparison(console, config, rows)
     if all(r.get("complete") for r in results.values()):
@@ -300,6 +459,7 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*litlogger.*")
+    warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -317,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         run_experiment(config)
-    except PretrainedWeightsUnavailable as error:
+    except (PretrainedWeightsUnavailable, NonFiniteLoss, UnreadableSample) as error:
         console.print(f"[red]error:[/] {error}", soft_wrap=True)
         return 1
     return 0

@@ -47,8 +47,10 @@ def run_tags(config: dict, job: str, supervision: str | None = None) -> list[str
     return [tag[:64] for tag in dict.fromkeys(tags)]
 
 
-def build_logger(config: dict, method_name: str, supervision: str, run_dir: Path, effective_batch: int | None = None):
-    """The Lightning WandbLogger of one method and seed (False when wandb is disabled)."""
+def build_logger(config: dict, method_name: str, supervision: str, run_dir: Path, effective_batch: int | None = None,
+                 wandb_id: str | None = None):
+    """The Lightning WandbLogger of one method and seed (False when wandb is disabled); a resumed
+    run passes its wandb_id and continues the same wandb run."""
     logger_cfg = config.get("logger") or {}
     mode = wandb_mode(logger_cfg.get("wandb", "auto"))
     if mode == "disabled":
@@ -62,7 +64,8 @@ def build_logger(config: dict, method_name: str, supervision: str, run_dir: Path
     run_dir.mkdir(parents=True, exist_ok=True)
     return WandbLogger(project=logger_cfg.get("project", "ciss"), group=config["name"], job_type=method_name,
                        name=f"{config['name']}-{method_name}-seed{config['seed']}", save_dir=str(run_dir), mode=mode,
-                       config=run_config, tags=run_tags(config, method_name, supervision), log_model=False)
+                       config=run_config, tags=run_tags(config, method_name, supervision), log_model=False,
+                       id=wandb_id, resume="allow" if wandb_id else None)
 
 
 def define_task_step_metrics(run) -> None:

@@ -12,6 +12,10 @@ from lightning_modules.metrics import iou_from_confusion, summarize_step
 from lightning_modules.network import SegmentationNetwork
 
 
+class NonFiniteLoss(FloatingPointError):
+    """The training loss became NaN or infinite: the run stops rather than train on garbage."""
+
+
 class IncrementalSegmentationModule(pl.LightningModule):
     """Step `step` of `steps` for `method`: the network being trained and, at steps >= 1, the
     frozen old network (set by callbacks.teacher.TeacherCallback).
@@ -24,7 +28,8 @@ class IncrementalSegmentationModule(pl.LightningModule):
 
     def __init__(self, network: SegmentationNetwork, method: Method, steps: list[list[int]], step: int,
                  lr: float, momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 1e-4,
-                 poly_power: float = 0.9, class_names: list[str] | None = None):
+                 poly_power: float = 0.9, class_names: list[str] | None = None, channels_last: bool = False,
+                 compile_network: bool | str = False):
         super().__init__()
         self.network, self.method, self.steps, self.step = network, method, steps, step
         self.lr, self.momentum, self.nesterov = lr, momentum, nesterov
@@ -38,6 +43,10 @@ class IncrementalSegmentationModule(pl.LightningModule):
         # What a test run evaluates, for the logged names: "test" (the test set) or "val" (the
         # held-out part of the training images that hyper-parameter searches optimise).
         self.evaluation_split = "test"
+        # Speed settings (trainer.channels_last, trainer.compile): NHWC tensors suit tensor cores
+        # under mixed precision; torch.compile fuses the network's forward (a backend name or True).
+        self.channels_last, self.compile_network = channels_last, compile_network
+        self.unreadable: list[str] = []  # images skipped with data.on_unreadable=skip (this rank)
 
     # --- the old model ----------------------------------------------------------------------
     @property
@@ -60,8 +69,29 @@ class IncrementalSegmentationModule(pl.LightningModule):
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.network(images)
 
+    def configure_model(self) -> None:
+        """After the teacher callback has copied the old network and grown the classifier."""
+        if self.channels_last:
+            self.network.to(memory_format=torch.channels_last)
+            for module in self.step_modules.values():
+                module.to(memory_format=torch.channels_last)
+        if self.compile_network and getattr(self.network, "_compiled_call_impl", None) is None:
+            backend = self.compile_network if isinstance(self.compile_network, str) else "inductor"
+            self.network.compile(backend=backend)
+
+    def _to_memory_format(self, batch: dict) -> dict:
+        if self.channels_last:
+            batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+        return batch
+
     def training_step(self, batch, batch_index):
+        self.unreadable += batch.pop("unreadable", None) or []
+        batch = self._to_memory_format(batch)
         loss, terms = self.method.training_loss(self, batch)
+        if not torch.isfinite(loss):
+            detail = ", ".join(f"{name} {float(value):.4g}" for name, value in terms.items())
+            raise NonFiniteLoss(f"non-finite training loss {float(loss)} at step {self.step}, epoch "
+                                f"{self.current_epoch}, batch {batch_index} (rank {self.global_rank}); terms: {detail}")
         batch_size = batch["image"].shape[0]
         self.log(f"step{self.step}/train/loss", loss, prog_bar=True, batch_size=batch_size)
         for name, value in terms.items():
@@ -85,7 +115,15 @@ class IncrementalSegmentationModule(pl.LightningModule):
         self.test_confmat = MulticlassConfusionMatrix(self.num_classes, ignore_index=255,
                                                       validate_args=False).to(self.device)
 
+    def on_train_epoch_end(self) -> None:
+        if self.unreadable:
+            from pytorch_lightning.utilities import rank_zero_warn
+
+            rank_zero_warn(f"step {self.step}, epoch {self.current_epoch}: {len(self.unreadable)} unreadable images "
+                           f"skipped so far (data.on_unreadable=skip); first: {self.unreadable[0]}")
+
     def test_step(self, batch, batch_index):
+        batch = self._to_memory_format(batch)
         logits = self.network(batch["image"])["logits"]
         self.test_confmat.update(logits.argmax(dim=1), batch["label"])
 

@@ -150,8 +150,10 @@ def test_wilson_step0_uses_bce_and_its_own_cache(tiny_config):
     assert wilson["hparams"]["alpha"] == 0.5 and wilson["hparams"]["pseudo_label_epoch"] == 1
     final = wilson["steps"][-1]["summary"]
     assert 0.0 <= final["all_with_bg"] <= 1.0
-    # the two methods started from different step-0 models (CE vs BCE)
-    assert wilson["steps"][0]["confusion"] != results["ft"]["steps"][0]["confusion"]
+    # the two methods started from different step-0 models (CE vs BCE; a 1-epoch tiny model may
+    # predict background everywhere either way, so the weights are compared, not the metrics)
+    ce, bce = (torch.load(path, weights_only=True)["state_dict"] for path in (ft_cache, wilson_cache))
+    assert not torch.equal(ce["classifier.heads.0.weight"], bce["classifier.heads.0.weight"])
 
 
 @pytest.mark.parametrize("name,expected", [

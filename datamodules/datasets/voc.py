@@ -58,7 +58,7 @@ def read_split(root: Path, list_file: str, mask_dir: str = "SegmentationClass") 
     root = Path(root)
     list_path = root / "ImageSets" / "Segmentation" / list_file
     if not list_path.is_file():
-        raise FileNotFoundError(f"list file {list_path} is missing")
+        raise DatasetMissing(f"list file {list_path} is missing")
     ids, images, masks = [], [], []
     for number, line in enumerate(list_path.read_text().splitlines(), start=1):
         tokens = line.split()
