@@ -17,7 +17,7 @@ SHELL := /bin/bash
 # pip prints one harmless line per package missing from the machine's local indexes.
 PIP_NOISE := grep -v "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: setup run data compare sweep sweep-setup test test-slow test-all clean-runs
+.PHONY: setup run data compare sweep sweep-setup bench test test-slow test-all clean-runs
 
 setup: $(STAMP)
 
@@ -49,6 +49,11 @@ sweep-setup: setup
 DATASET ?= voc
 data: setup
 	$(PY) -m datamodules.prepare $(DATASET) $(if $(DATA_ROOT),--root $(DATA_ROOT))
+
+# Training throughput and peak memory of the suite against a bare PyTorch loop (a measurement, not
+# a test). On a GPU: make bench BENCH_ARGS="--preset r101-512 --precision bf16-mixed --channels-last"
+bench: setup
+	$(PY) -m experiments.bench $(BENCH_ARGS)
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -420,10 +420,12 @@ def run_experiment(config: dict) -> dict[str, dict]:
     steps = prepare(config)
     started = time.time()
     scale, batch = lr_scale(config), effective_batch(config)
-    console.print(f"effective batch {batch} = {world_size(config)} process(es) x {config['data']['batch_size']} images"
-                  f" x {config['trainer']['accumulate_grad_batches']} accumulation; lr x{scale:g} (reference batch "
-                  f"{config['optimizer']['reference_batch']}{'' if config['optimizer']['scale_lr'] else ', scaling off'})")
-    if world_size(config) > 1:
+    if is_global_zero():
+            console.print(f"effective batch {batch} = {world_size(config)} process(es) x {config['data']['batch_size']} "
+                      f"images x {config['trainer']['accumulate_grad_batches']} accumulation; lr x{scale:g} (reference "
+                      f"batch {config['optimizer']['reference_batch']}"
+                      f"{'' if config['optimizer']['scale_lr'] else ', scaling off'})")
+    if world_size(config) > 1 and is_global_zero():
         console.print(f"{world_size(config)} processes; batch norm "
                       + ("synchronised (SyncBatchNorm)" if uses_sync_batchnorm(config) else
                          "per process (SyncBatchNorm needs GPUs)" if config["trainer"]["sync_batchnorm"] else

@@ -9,6 +9,13 @@ import torch
 import torch.nn.functional as F
 
 
+def _float32_at_least(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision inputs are promoted: log-sum-exp, softmax, log and BCE on soft targets
+    need float32 (under autocast the network's logits are bfloat16/float16, whose 8/11-bit
+    mantissas lose the differences of large logits)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _mean_over_valid(per_pixel: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     count = valid.sum()
     if count == 0:  # a batch with every pixel ignored: zero loss that keeps the graph
@@ -18,6 +25,7 @@ def _mean_over_valid(per_pixel: torch.Tensor, valid: torch.Tensor) -> torch.Tens
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
     """Softmax cross-entropy, mean over the non-ignored pixels."""
+    logits = _float32_at_least(logits)
     valid = labels != ignore_index
     per_pixel = F.cross_entropy(logits, labels.masked_fill(~valid, 0), reduction="none")
     return _mean_over_valid(per_pixel, valid)
@@ -35,6 +43,7 @@ def unbiased_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, n_old: in
     """
     if not 0 < n_old <= logits.shape[1]:
         raise ValueError(f"n_old={n_old} must be in 1..{logits.shape[1]} (the number of channels)")
+    logits = _float32_at_least(logits)
     total = torch.logsumexp(logits, dim=1)
     log_bg = torch.logsumexp(logits[:, :n_old], dim=1) - total
     log_new = logits[:, n_old:] - total.unsqueeze(1)
@@ -59,6 +68,7 @@ def unbiased_knowledge_distillation(logits: torch.Tensor, old_logits: torch.Tens
     n_old = old_logits.shape[1]
     if not 0 < n_old < logits.shape[1]:
         raise ValueError(f"old_logits has {n_old} channels; it needs fewer than the new model's {logits.shape[1]}")
+    logits, old_logits = _float32_at_least(logits), _float32_at_least(old_logits)
     total = torch.logsumexp(logits, dim=1)
     bg_and_new = torch.cat([logits[:, :1], logits[:, n_old:]], dim=1)
     log_bg = torch.logsumexp(bg_and_new, dim=1) - total
@@ -70,11 +80,6 @@ def unbiased_knowledge_distillation(logits: torch.Tensor, old_logits: torch.Tens
 
 # --- WILSON (Cermelli et al., CVPR 2022), as its official code computes it ------------------
 # (shared/docs/METHODS_wilson_mib.md §3). Every step-1 term works at feature resolution.
-def _float32_at_least(x: torch.Tensor) -> torch.Tensor:
-    """Half-precision inputs are promoted: softmax/log/BCE on soft targets need float32."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
 def bce_one_hot(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
     """WILSON's step-0 loss (its `--bce`): per-class BCE with logits on one-hot targets,
         L = mean over non-ignored pixels i of  sum_c BCE(z_ic, [y_i = c]).

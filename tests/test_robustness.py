@@ -308,3 +308,31 @@ def test_a_non_finite_loss_stops_the_run_saying_where(tiny_config, monkeypatch, 
             f"output_dir={tiny_config['output_dir']}", f"cache_dir={tiny_config['cache_dir']}x"]
     assert run.main(argv) == 1
     assert "error: non-finite training loss nan at step 0, epoch 0, batch 2" in _one_line(capsys)
+
+
+def test_effective_batch_and_linear_lr_scaling(tiny_config):
+    from experiments.config import load_experiment
+
+    # The reference batch is the experiment file's (16), fixed before any override of the batch.
+    config = apply_overrides(load_experiment(EXPERIMENT), ["trainer.devices=2", "trainer.num_nodes=2",
+                                                           "data.batch_size=6", "trainer.accumulate_grad_batches=2"])
+    assert config["optimizer"]["reference_batch"] == 16
+    assert run.effective_batch(config) == 2 * 2 * 6 * 2 == 48
+    assert run.lr_scale(config) == 48 / 16
+    assert run.lr_scale(apply_overrides(config, ["optimizer.scale_lr=false"])) == 1.0
+    assert run.lr_scale(apply_overrides(config, ["optimizer.reference_batch=24"])) == 2.0
+    # the lr the optimizer receives is the schedule's times the scale
+    scaled = apply_overrides(tiny_config, ["methods=[ft]", "optimizer.reference_batch=2"])  # batch 4: x2
+    seen = {}
+    original = run.IncrementalSegmentationModule.__init__
+
+    def recording(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        seen[self.step] = self.lr
+
+    try:
+        run.IncrementalSegmentationModule.__init__ = recording
+        run.run_experiment(scaled)
+    finally:
+        run.IncrementalSegmentationModule.__init__ = original
+    assert seen == {0: pytest.approx(0.01 * 2), 1: pytest.approx(0.001 * 2)}

@@ -14,6 +14,7 @@ when incomplete or generated with other parameters (the `COMPLETE` marker is wri
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import shutil
 from pathlib import Path
@@ -164,6 +165,19 @@ def ensure_generated(data_root: Path, train: int = 2000, val: int = 500, size: i
     marker = root / "COMPLETE"
     if marker.exists() and json.loads(marker.read_text()) == params:
         return root
+    # Several processes (DDP ranks under torchrun) may get here at once: one generates, the
+    # others wait for it and then find the marker.
+    Path(data_root).mkdir(parents=True, exist_ok=True)
+    with open(Path(data_root) / ".synthetic.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if marker.exists() and json.loads(marker.read_text()) == params:
+            return root
+        _generate(root, params, train, val, size, seed)
+    return root
+
+
+def _generate(root: Path, params: dict, train: int, val: int, size: int, seed: int) -> None:
+    marker = root / "COMPLETE"
     if root.exists():
         shutil.rmtree(root)
     for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
@@ -181,4 +195,3 @@ def ensure_generated(data_root: Path, train: int = 2000, val: int = 500, size: i
         "Embedded synthetic dataset of the CISS suite, Pascal VOC layout. Classes (shape, appearance):\n"
         + "\n".join(f"{c + 1}: {s} / {APPEARANCES[a][2]}" for c, (s, a) in enumerate(attributes)) + "\n")
     marker.write_text(json.dumps(params))
-    return root

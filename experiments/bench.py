@@ -1,0 +1,263 @@
+"""Training throughput of the suite against a bare PyTorch loop: `make bench` (not a timed test).
+
+`python -m experiments.bench [--experiment E] [--methods mib wilson] [--iterations 30] [--warmup 5]
+[--preset embedded|r101-512] [--precision 32-true|bf16-mixed] [--channels-last] [key=value ...]`
+
+For each method, one incremental step (step 1) is measured three ways, each in a fresh process
+(so that peak memory is the variant's own):
+  suite  the step as `make run` trains it: IncrementalSegmentationModule + TeacherCallback + the
+         Trainer of experiments.run (checkpointing, progress bar, logging of every loss term)
+  bare   the same network, old network, batch, losses, data loader, SGD and lr schedule in a
+         plain `for batch in loader: loss.backward(); optimizer.step()` loop
+  data   the data loader alone (images/s it can deliver: it must not be the bottleneck)
+Throughput is images per second over `--iterations` iterations after `--warmup`; the ratio
+suite / bare is the framework's cost (goal: >= 0.9). Peak memory: the process's peak resident
+set on CPU, torch.cuda.max_memory_allocated on GPU.
+
+Presets: "embedded" = the experiment as configured (the default: synthetic_15_5_disjoint, CPU);
+"r101-512" = DeepLabV3-ResNet-101 at 512x512 crops with batch 12 (the paper network; on a GPU).
+WILSON is measured with its pseudo-labels on (pseudo_label_epoch=0): its full step-1 loss.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import resource
+import sys
+import time
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+PRESETS = {
+    "embedded": [],
+    "r101-512": ["network.encoder=resnet101", "network.encoder_depth=5", "network.output_stride=16",
+                 "network.atrous_rates=[6, 12, 18]", "network.decoder_channels=256", "data.crop_size=512",
+                 "data.batch_size=12", "data.options.synthetic={train: 240, val: 24, size: 560, seed: 0}",
+                 "data.root=data/bench-512"],
+}
+
+
+def _config(args, method: str) -> dict:
+    from experiments.config import apply_overrides, load_experiment, resolve
+
+    overrides = [*PRESETS[args.preset], f"trainer.precision={args.precision}",
+                 f"trainer.channels_last={str(args.channels_last).lower()}", "logger.wandb=disabled",
+                 f"methods=[{method}]", "output_dir=runs/bench", "cache_dir=runs/bench/cache", *args.overrides]
+    if method == "wilson":
+        overrides.append("methods.wilson.pseudo_label_epoch=0")
+    config = resolve(apply_overrides(load_experiment(args.experiment), overrides))
+    config["trainer"]["limit_train_batches"] = args.warmup + args.iterations
+    return config
+
+
+def _step_one_module(config: dict, method_name: str):
+    """The objects of step 1 as experiments.run builds them, from an untrained step-0 network
+    (throughput does not depend on the weights)."""
+    from callbacks.teacher import TeacherCallback
+    from datamodules import datasets
+    from datamodules.tasks import channel_order, task_classes
+    from experiments.run import build_datamodule, build_network, lr_scale, schedule_for
+    from lightning_modules.methods import build_method
+    from lightning_modules.module import IncrementalSegmentationModule
+
+    data = config["data"]
+    steps = task_classes(data["dataset"], data["task"])
+    datasets.locate(data["dataset"], data["root"], data.get("options"))
+    entry = dict(config["methods"][method_name] or {})
+    method = build_method(method_name, **{k: v for k, v in entry.items() if k != "schedule"})
+    network = build_network(config, [len(steps[0])], pretrained=False)
+    schedule = schedule_for(config, entry, 1)
+    module = IncrementalSegmentationModule(
+        network, method, steps, 1, lr=schedule["lr"] * lr_scale(config), momentum=config["optimizer"]["momentum"],
+        nesterov=config["optimizer"]["nesterov"], weight_decay=config["optimizer"]["weight_decay"],
+        poly_power=config["optimizer"]["poly_power"], class_names=[str(c) for c in channel_order(steps, 1)],
+        channels_last=config["trainer"]["channels_last"])
+    datamodule = build_datamodule(config, method, steps, 1)
+    return module, datamodule, TeacherCallback(len(steps[1])), schedule
+
+
+class _Timer:
+    """Wall time of iterations warmup .. warmup + iterations - 1 (synchronising the GPU)."""
+
+    def __init__(self, warmup: int, iterations: int, device):
+        self.warmup, self.iterations, self.device = warmup, iterations, device
+        self.count, self.started, self.seconds = 0, None, None
+        self.images = 0
+
+    def _sync(self):
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def batch_done(self, images: int) -> None:
+        self.count += 1
+        if self.count == self.warmup:
+            self._sync()
+            self.started = time.perf_counter()
+        elif self.count > self.warmup:
+            self.images += images
+            if self.count == self.warmup + self.iterations:
+                self._sync()
+                self.seconds = time.perf_counter() - self.started
+
+
+def _device(config):
+    import torch
+
+    accelerator = config["trainer"]["accelerator"]
+    use_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    return torch.device("cuda" if use_cuda else "cpu")
+
+
+def _measure_suite(config, method_name, timer_args):
+    import pytorch_lightning as pl
+
+    from experiments.run import build_trainer
+
+    module, datamodule, teacher, schedule = _step_one_module(config, method_name)
+    timer = _Timer(*timer_args, _device(config))
+
+    class Timing(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            timer.batch_done(len(batch["image"]))
+
+    trainer = build_trainer(config, 1, False, [teacher, Timing()])
+    trainer.fit(module, datamodule=datamodule)
+    return timer
+
+
+def _measure_bare(config, method_name, timer_args):
+    import torch
+
+    module, datamodule, teacher, schedule = _step_one_module(config, method_name)
+    device = _device(config)
+    teacher.setup(None, module, "fit")  # the same step start: old network, new head, init, localizer
+    module.to(device)
+    module.configure_model()
+    if module.old_network is not None:
+        module.old_network.to(device).eval()
+    module.train()
+    datamodule.setup("fit")
+    loader = datamodule.train_dataloader()
+    total = min(len(loader), timer_args[0] + timer_args[1])
+    optimizer = torch.optim.SGD(module.method.parameter_groups(module, module.lr), lr=module.lr,
+                                momentum=module.momentum, nesterov=module.nesterov, weight_decay=module.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: module.method.learning_rate_factor(module, it, total, total, module.poly_power))
+    precision = config["trainer"]["precision"]
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    timer = _Timer(*timer_args, device)
+    for index, batch in enumerate(loader):
+        if index == total:
+            break
+        batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        if module.channels_last:
+            batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss, _ = module.method.training_loss(module, batch)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        loss.item()  # the suite reads the loss every iteration too (non-finite check, progress bar)
+        timer.batch_done(len(batch["image"]))
+    return timer
+
+
+def _measure_data(config, method_name, timer_args):
+    module, datamodule, teacher, schedule = _step_one_module(config, method_name)
+    datamodule.setup("fit")
+    timer = _Timer(*timer_args, _device(config))
+    for index, batch in enumerate(datamodule.train_dataloader()):
+        timer.batch_done(len(batch["image"]))
+        if timer.seconds is not None:
+            break
+    return timer
+
+
+def _child(variant, args, method, queue):
+    import torch
+
+    from experiments.run import quiet_libraries
+
+    quiet_libraries()
+    torch.manual_seed(0)
+    config = _config(args, method)
+    measure = {"suite": _measure_suite, "bare": _measure_bare, "data": _measure_data}[variant]
+    device = _device(config)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    timer = measure(config, method, (args.warmup, args.iterations))
+    if timer.seconds is None:
+        queue.put({"error": f"fewer than {args.warmup + args.iterations} batches in one epoch"})
+        return
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    queue.put({"images_per_s": timer.images / timer.seconds, "ms_per_iteration": 1000 * timer.seconds / args.iterations,
+               "peak_mb": peak, "device": str(device), "batch": config["data"]["batch_size"],
+               "crop": config["data"]["crop_size"]})
+
+
+def measure(variant: str, args, method: str) -> dict:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_child, args=(variant, args, method, queue))
+    process.start()
+    process.join()
+    if process.exitcode != 0:
+        return {"error": f"exit code {process.exitcode}"}
+    return queue.get()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--experiment", default="synthetic_15_5_disjoint")
+    parser.add_argument("--methods", nargs="+", default=["mib", "wilson"])
+    parser.add_argument("--iterations", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="embedded")
+    parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed", "16-mixed"])
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--json", help="also write the measurements to this file")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the experiment")
+    args = parser.parse_args(argv)
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"training throughput, step 1 of {args.experiment} ({args.preset}, {args.precision}"
+                        f"{', channels_last' if args.channels_last else ''}; {args.iterations} iterations after "
+                        f"{args.warmup})")
+    for column in ("method", "suite img/s", "bare img/s", "suite / bare", "data img/s", "suite ms/it",
+                   "bare ms/it", "suite peak MB", "bare peak MB"):
+        table.add_column(column, justify="right" if column != "method" else "left")
+    measurements = {}
+    for method in args.methods:
+        measured = {variant: measure(variant, args, method) for variant in ("bare", "suite", "data")}
+        measurements[method] = measured
+        errors = [f"{v}: {m['error']}" for v, m in measured.items() if "error" in m]
+        if errors:
+            console.print(f"[red]{method}: {'; '.join(errors)}[/]")
+            continue
+        suite, bare, data = measured["suite"], measured["bare"], measured["data"]
+        table.add_row(method, f"{suite['images_per_s']:.1f}", f"{bare['images_per_s']:.1f}",
+                      f"{suite['images_per_s'] / bare['images_per_s']:.2f}", f"{data['images_per_s']:.0f}",
+                      f"{suite['ms_per_iteration']:.0f}", f"{bare['ms_per_iteration']:.0f}",
+                      f"{suite['peak_mb']:.0f}", f"{bare['peak_mb']:.0f}")
+    console.print(table)
+    first = next((m["suite"] for m in measurements.values() if "device" in m.get("suite", {})), {})
+    console.print(f"device {first.get('device', '?')}, batch {first.get('batch', '?')}, crop {first.get('crop', '?')}, "
+                  f"{os.cpu_count()} CPUs, torch threads {__import__('torch').get_num_threads()}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "measurements": measurements}, f, indent=1)
+    return 0 if all("error" not in m for ms in measurements.values() for m in ms.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
