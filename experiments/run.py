@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -174,10 +175,11 @@ def step0_cache_path(config: dict, method, steps) -> Path:
 
 # --- one step -------------------------------------------------------------------------------
 def run_step(config, method, method_entry, steps, step, network, logger, names, train=True, examples_path=None,
-             checkpoint_file: Path | None = None):
+             checkpoint_file: Path | None = None, resume: bool = True):
     """Train step `step` (unless `train` is False: a cached step-0 model) and test it; with
     `examples_path`, also save the qualitative examples (experiments.qualitative) there. With
-    `checkpoint_file`, the step's training is checkpointed there and resumed from it if it exists."""
+    `checkpoint_file`, the step's training is checkpointed there and (with `resume`) resumed from
+    it if it exists."""
     pl.seed_everything(config["seed"] + step, verbose=False)
     schedule = schedule_for(config, method_entry, step)
     datamodule = build_datamodule(config, method, steps, step)
@@ -191,14 +193,11 @@ def run_step(config, method, method_entry, steps, step, network, logger, names, 
                             checkpoint_file=checkpoint_file if train else None)
     started = time.time()
     if train:
-        resume_from = agree(checkpoint_file is not None and checkpoint_file.exists())
+        resume_from = agree(resume and checkpoint_file is not None and checkpoint_file.exists())
         if resume_from:
             console.print(f"  resuming step {step} from {checkpoint_file}")
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(checkpoint_file) if resume_from else None)
     train_seconds = time.time() - started
-    # The network leaves the step uncompiled: the next step deep-copies it as its teacher, and a
-    # compiled call would still point at this (live) network.
-    network._compiled_call_impl = None
     validation = None
     datamodule.setup("test")  # idempotent; a cached step 0 has not been through fit's setup
     if datamodule.val_set is not None:
@@ -211,6 +210,10 @@ def run_step(config, method, method_entry, steps, step, network, logger, names, 
     if examples_path is not None and count and trainer.is_global_zero:
         positions = choose_examples(datamodule.test_presence[datamodule.test_indices], steps[: step + 1], count)
         save_examples(examples_path, predict_examples(module, datamodule.test_set, positions, datamodule.test_presence))
+    # The network leaves the step uncompiled (configure_model compiles it for fit and for test):
+    # the next step deep-copies it as its teacher, and a compiled call would still point at this
+    # (live) network.
+    network._compiled_call_impl = None
     record = {
         "step": step, "classes": steps[step], "trained": train, "train_images": len(datamodule.train_set),
         "test_images": len(datamodule.test_set), "train_seconds": round(train_seconds, 1),
@@ -283,6 +286,11 @@ def run_method(config: dict, method_name: str, steps) -> dict:
         console.print(f"[bold]{method_name}[/]: complete results in {run_dir} reused (resume=false runs it again)")
         return previous
 
+    if previous is None and is_global_zero() and checkpoints.exists():
+        shutil.rmtree(checkpoints)  # another config's (or resume=false): never resumed from
+    # Training checkpoints are resumed only within the same run (same fingerprint): a fresh start
+    # never reads one, whatever another process may not have deleted yet.
+    fit_checkpoints = previous is not None
     done = (previous or {}).get("steps", [])
     network_file = checkpoints / f"step{done[-1]['step']}.pt" if done else None
     resumable = agree(network_file is not None and network_file.exists())
@@ -312,7 +320,8 @@ def run_method(config: dict, method_name: str, steps) -> dict:
             pl.seed_everything(config["seed"], verbose=False)
             network = build_network(config, [len(steps[0])])
             network, record, is_main = run_step(config, method, entry, steps, 0, network, logger, names,
-                                                examples_path=examples, checkpoint_file=checkpoints / "fit-step0.ckpt")
+                                                examples_path=examples, checkpoint_file=checkpoints / "fit-step0.ckpt",
+                                                resume=fit_checkpoints)
             if is_main:
                 save_atomically(_network_state(network), cache)
         _finish_step(run_dir, results, record, network, logger, is_main)
@@ -322,7 +331,8 @@ def run_method(config: dict, method_name: str, steps) -> dict:
         last = step == len(steps) - 1
         network, record, is_main = run_step(config, method, entry, steps, step, network, logger, names,
                                             examples_path=run_dir / EXAMPLES_FILE if last else None,
-                                            checkpoint_file=checkpoints / f"fit-step{step}.ckpt")
+                                            checkpoint_file=checkpoints / f"fit-step{step}.ckpt",
+                                            resume=fit_checkpoints)
         _finish_step(run_dir, results, record, network, logger, is_main)
 
     results["final"] = summarize_run([r["summary"] for r in results["steps"]])

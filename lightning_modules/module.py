@@ -1,6 +1,8 @@
 """The LightningModule that trains and tests any step of any method."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytorch_lightning as pl
 import torch
@@ -116,10 +118,8 @@ class IncrementalSegmentationModule(pl.LightningModule):
                                                       validate_args=False).to(self.device)
 
     def on_train_epoch_end(self) -> None:
-        if self.unreadable:
-            from pytorch_lightning.utilities import rank_zero_warn
-
-            rank_zero_warn(f"step {self.step}, epoch {self.current_epoch}: {len(self.unreadable)} unreadable images "
+        if self.unreadable:  # every rank reports its own
+            warnings.warn(f"step {self.step}, epoch {self.current_epoch}: {len(self.unreadable)} unreadable images "
                            f"skipped so far (data.on_unreadable=skip); first: {self.unreadable[0]}")
 
     def test_step(self, batch, batch_index):

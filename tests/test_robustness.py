@@ -95,8 +95,13 @@ def test_resume_false_runs_again_and_another_config_is_not_resumed(tiny_config):
     first = run.run_experiment(apply_overrides(tiny_config, ["methods=[ft]"]))["ft"]
     again = run.run_experiment(apply_overrides(tiny_config, ["methods=[ft]"]))["ft"]
     assert again is not first and again["steps"][1]["train_seconds"] == first["steps"][1]["train_seconds"]  # reused
+    # A training checkpoint left by another config is never resumed from (garbage here: loading it
+    # would fail).
+    stale = Path(tiny_config["output_dir"]) / EXPERIMENT / "ft" / "seed42" / "checkpoints" / "fit-step1.ckpt"
+    stale.write_bytes(b"not a checkpoint")
     changed = run.run_experiment(apply_overrides(tiny_config, ["methods=[ft]", "schedule.incremental.lr=0.002"]))
-    assert changed["ft"]["fingerprint"] != first["fingerprint"]
+    assert changed["ft"]["fingerprint"] != first["fingerprint"] and changed["ft"]["complete"]
+    assert not stale.exists()
     forced = run.run_experiment(apply_overrides(tiny_config, ["methods=[ft]", "resume=false"]))["ft"]
     assert forced["complete"] and forced["steps"][1]["trained"] is True
 
