@@ -31,8 +31,6 @@ class _Samples(Dataset):
     "stop" raises UnreadableSample, "skip" returns None, which `collate_skipping` drops and counts."""
 
     def __init__(self, files: SplitFiles, indices: np.ndarray, transform, seed: int = 0, on_unreadable: str = "stop"):
-        if on_unreadable not in ON_UNREADABLE:
-            raise ValueError(f"data.on_unreadable must be one of {ON_UNREADABLE}, not {on_unreadable!r}")
         self.files, self.indices, self.transform = files, indices, transform
         self.seed, self.on_unreadable = seed, on_unreadable
 

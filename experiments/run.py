@@ -233,13 +233,15 @@ def run_fingerprint(config: dict, method_name: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
-def _nan_for_null(record: dict) -> dict:
-    """A step record read back from results.json: null means-of-nothing become NaN again."""
-    record = dict(record)
-    record["summary"] = {k: (math.nan if v is None else v) for k, v in record["summary"].items()}
+def _nan_for_null(summary: dict) -> dict:
+    """A summary read back from results.json: the null means-of-nothing become NaN again."""
+    return {k: (math.nan if v is None else v) for k, v in summary.items()}
+
+
+def _restore_record(record: dict) -> dict:
+    record = dict(record, summary=_nan_for_null(record["summary"]))
     if record.get("validation"):
-        record["validation"] = dict(record["validation"], summary={
-            k: (math.nan if v is None else v) for k, v in record["validation"]["summary"].items()})
+        record["validation"] = dict(record["validation"], summary=_nan_for_null(record["validation"]["summary"]))
     return record
 
 
@@ -252,9 +254,10 @@ def saved_run(run_dir: Path, fingerprint: str) -> dict | None:
         return None
     if saved.get("fingerprint") != fingerprint:
         return None
-    saved["steps"] = [_nan_for_null(r) for r in saved.get("steps", [])]
-    if saved.get("final"):
-        saved["final"] = {k: (math.nan if v is None else v) for k, v in saved["final"].items()}
+    saved["steps"] = [_restore_record(r) for r in saved.get("steps", [])]
+    for key in ("final", "final_validation"):
+        if saved.get(key):
+            saved[key] = _nan_for_null(saved[key])
     return saved
 
 
@@ -269,6 +272,11 @@ def _network_state(network: SegmentationNetwork) -> dict:
     return {"state_dict": network.state_dict(), "classes_per_step": list(network.classifier.classes_per_step)}
 
 
+def run_directory(config: dict, method_name: str) -> Path:
+    """One directory per seed, so that repeated runs are kept side by side for `make compare`."""
+    return Path(config["output_dir"]) / config["name"] / method_name / f"seed{config['seed']}"
+
+
 def run_method(config: dict, method_name: str, steps) -> dict:
     """Every step of one method, resumable: results.json is rewritten after each step, the
     network after each step is kept in checkpoints/step<t>.pt and a step in progress is
@@ -276,8 +284,7 @@ def run_method(config: dict, method_name: str, steps) -> dict:
     (config.resume, default true), the run continues from there, and a complete run is reused."""
     entry = dict(config["methods"][method_name] or {})
     method = build_method(method_name, **{k: v for k, v in entry.items() if k != "schedule"})
-    # One directory per seed, so that repeated runs are kept side by side for `make compare`.
-    run_dir = Path(config["output_dir"]) / config["name"] / method_name / f"seed{config['seed']}"
+    run_dir = run_directory(config, method_name)
     checkpoints = run_dir / "checkpoints"
     names = datasets.class_names(config["data"]["dataset"], config["data"].get("options"))
     fingerprint = run_fingerprint(config, method_name)
@@ -390,7 +397,6 @@ def _write_results(run_dir: Path, results: dict, is_main: bool) -> None:
     if not is_main:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
-    results = dict(results)
     temporary = run_dir / "results.json.tmp"
     temporary.write_text(json.dumps(_json_safe(results), indent=1, default=float, allow_nan=False))
     temporary.replace(run_dir / "results.json")
@@ -426,8 +432,9 @@ def prepare(config: dict) -> list[list[int]]:
     return steps
 
 
-def run_experiment(config: dict) -> dict[str, dict]:
-    steps = prepare(config)
+def run_experiment(config: dict, steps: list[list[int]] | None = None) -> dict[str, dict]:
+    """Every method of the experiment; `steps` when prepare(config) has already run."""
+    steps = steps if steps is not None else prepare(config)
     started = time.time()
     scale, batch = lr_scale(config), effective_batch(config)
     if is_global_zero():
@@ -450,7 +457,7 @@ def run_experiment(config: dict) -> dict[str, dict]:
     if all(r.get("complete") for r in results.values()):
         figures = write_experiment_figures(out_dir, results, per_class=False)
         examples = {name: load_examples(path) for name in results
-                    if (path := out_dir / name / f"seed{config['seed']}" / EXAMPLES_FILE).exists()}
+                    if (path := run_directory(config, name) / EXAMPLES_FILE).exists()}
         if examples:
             names = datasets.class_names(config["data"]["dataset"], config["data"].get("options"))
             figures["figures/qualitative"] = plot_experiment_qualitative(out_dir / "qualitative.png", examples, names)
@@ -483,12 +490,12 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     try:
         config = resolve(apply_overrides(load_experiment(argv[0]), argv[1:]))
-        prepare(config)
+        steps = prepare(config)
     except (ValueError, datasets.DatasetMissing) as error:  # ConfigError is a ValueError
         console.print(f"[red]error:[/] {error}", soft_wrap=True)
         return 1
     try:
-        run_experiment(config)
+        run_experiment(config, steps)
     except (PretrainedWeightsUnavailable, NonFiniteLoss, UnreadableSample) as error:
         console.print(f"[red]error:[/] {error}", soft_wrap=True)
         return 1

@@ -28,9 +28,9 @@ CONTENTS = {
 CUT = 10_000
 
 
-def tar_gz_bytes(contents: dict[str, bytes]) -> bytes:
+def tar_gz_bytes(contents: dict[str, bytes], mode: str = "w:gz") -> bytes:
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+    with tarfile.open(fileobj=buffer, mode=mode) as archive:
         for name, data in contents.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -296,13 +296,7 @@ def test_zip_escaping_destination_is_rejected(tmp_path):
 
 def test_failed_extraction_leaves_nothing_half_written(tmp_path):
     path = tmp_path / "truncated.tar"
-    whole = io.BytesIO()
-    with tarfile.open(fileobj=whole, mode="w") as archive:
-        for name, data in CONTENTS.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    path.write_bytes(whole.getvalue()[:20_000])  # a.txt whole, b.bin cut in the middle
+    path.write_bytes(tar_gz_bytes(CONTENTS, mode="w")[:20_000])  # uncompressed tar  # a.txt whole, b.bin cut in the middle
     with pytest.raises((tarfile.TarError, EOFError, OSError)):
         extract(path, tmp_path / "out", progress=False)
     assert [p.name for p in tmp_path.iterdir()] == ["truncated.tar"]

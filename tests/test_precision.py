@@ -78,4 +78,7 @@ def test_runs_with_mixed_precision_channels_last_and_compile(tiny_config, settin
         assert results[method]["complete"]
         final = results[method]["steps"][-1]["summary"]
         assert 0.0 <= final["all_with_bg"] <= 1.0
-        assert results[method]["config"]["trainer"][settings[0].split("=")[0].split(".")[1]] != "32-true"
+        trainer = results[method]["config"]["trainer"]
+        for setting in settings:  # the settings arrived in the run's config
+            key, value = setting.removeprefix("trainer.").split("=")
+            assert str(trainer[key]).lower() == value

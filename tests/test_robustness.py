@@ -218,8 +218,6 @@ def _one_line(capsys) -> str:
     ("missing_list", "ImageSets/Segmentation/train.txt"),
 ])
 def test_bad_dataset_files_stop_before_training_naming_the_file(damage, message, tmp_path, capsys):
-    from PIL import Image
-
     from datamodules.datasets.voc import load_mask, save_mask
 
     root = _synthetic_root(tmp_path)
@@ -236,7 +234,6 @@ def test_bad_dataset_files_stop_before_training_naming_the_file(damage, message,
         save_mask(mask, load_mask(mask)[:, :30])
     elif damage == "missing_list":
         (root / "ImageSets" / "Segmentation" / "train.txt").unlink()
-    assert Image is not None
     assert _main(tmp_path) == 1
     out = _one_line(capsys)
     assert message in out, out[-600:]
