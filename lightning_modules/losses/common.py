@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
 
 def _float32_at_least(x: torch.Tensor) -> torch.Tensor:
     """Half-precision inputs are promoted: log-sum-exp, softmax, log and BCE on soft targets

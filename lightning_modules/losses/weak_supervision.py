@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from lightning_modules.losses.common import _float32_at_least
 
-__all__ = ["ngwp_focal_scores", "masked_localizer_probabilities", "wilson_targets", "pamr", "pseudo_label_masks", "balanced_self_training_loss", "soft_segmentation_bce"]
+__all__ = ["ngwp_focal_scores", "masked_localizer_probabilities", "wilson_targets", "pamr", "pseudo_label_masks",
+           "balanced_self_training_loss", "soft_segmentation_bce"]
 
 
 # --- WILSON (Cermelli et al., CVPR 2022), as its official code computes it ------------------
