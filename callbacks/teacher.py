@@ -1,47 +1,38 @@
-"""Between steps: freeze a copy of the model as the old model, then grow the classifier."""
+"""Between steps: the frozen copy of the previous model is swapped in as the old model."""
 from __future__ import annotations
-
-import copy
 
 import pytorch_lightning as pl
 
 
 class TeacherCallback(pl.Callback):
-    """At the start of a step t >= 1 (Lightning's `setup("fit")`, before the optimizer exists):
+    """Hands the old model of a step t >= 1 to the LightningModule and keeps it frozen.
 
-    1. if the method uses it, a deep copy of the network as it left step t-1 becomes the old
-       model: eval mode, no gradients, not a submodule (so not in the optimizer or the
-       checkpoint), moved to the module's device when training starts;
-    2. the classifier gets a new 1x1 head for the step's classes;
-    3. the method initialises it (e.g. MiB's background-based init);
-    4. the method's extra modules of the step (WILSON's localizer) are created and registered
-       on the LightningModule, outside the network.
-
-    Every DDP rank runs this from identical weights, so the old model is identical everywhere.
+    The step loop makes the old model before the network grows its new classifier
+    (`network.frozen_copy()`: a deep copy, eval mode, no gradients). This callback, at
+    `setup("fit")` (before the optimizer exists), sets it on the module as a plain attribute (not a
+    submodule, so not in the optimizer, the checkpoint or Lightning's train/eval switching), moves
+    it to the module's device when training starts, and puts it back in eval mode at every epoch,
+    so that nothing can switch it to training. Every DDP rank builds it from identical weights, so
+    the old model is identical everywhere. With `old_network=None` (a method that needs none) it
+    does nothing.
     """
 
-    def __init__(self, num_new_classes: int):
-        self.num_new_classes = num_new_classes
-        self.done = False
+    def __init__(self, old_network):
+        self.old_network = old_network
 
     def setup(self, trainer: pl.Trainer, pl_module, stage: str) -> None:
-        if stage != "fit" or pl_module.step == 0 or self.done:
+        if self.old_network is None or pl_module.old_network is self.old_network:
             return
-        network = pl_module.network
-        if pl_module.method.uses_old_model:
-            old = copy.deepcopy(network)
-            old.eval()
-            old.requires_grad_(False)
-            pl_module.set_old_network(old)
-        n_old = network.classifier.num_classes
-        network.classifier.add_step(self.num_new_classes)
-        pl_module.method.init_new_classifier(network, pl_module.old_network, n_old)
-        pl_module.step_modules.update(pl_module.method.step_modules(network, n_old))
-        self.done = True
+        self.old_network.eval()
+        self.old_network.requires_grad_(False)
+        pl_module.set_old_network(self.old_network)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module) -> None:
         if pl_module.old_network is not None:
             pl_module.old_network.to(pl_module.device).eval()
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module) -> None:
+        self.on_fit_start(trainer, pl_module)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module) -> None:
         if pl_module.old_network is not None:

@@ -1,18 +1,20 @@
 """The LightningDataModule of one incremental step: dataset + task + mode + step + supervision."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, default_collate
 
 from datamodules import datasets, splits
 from datamodules.datasets.voc import SplitFiles, load_image, load_mask
 from datamodules.labels import label_lookup, new_class_labels, remap
 from datamodules.presence import dataset_presence
-from datamodules.sampling import EpochTrainingSampler, ShardedEvaluationSampler, seed_augmentation
+from datamodules.sampling import (TRAINING_PASS_EPOCH, EpochTrainingSampler, InterleavedTrainingSampler, ShardedSampler,
+                                  seed_augmentation)
 from datamodules.tasks import NUM_FOREGROUND, task_classes
 from datamodules.transforms import eval_transform, train_transform
 
@@ -25,14 +27,40 @@ class UnreadableSample(RuntimeError):
     run, so it changed or broke since). One line, starting with the file's path."""
 
 
+class DecodedCache:
+    """Decoded images and masks kept in memory, for datasets small enough (the embedded one: 2,500
+    images of 80x80, 64 MB), so that each file is decoded once per process instead of once per
+    epoch and step. Process-wide: every step and method of a run shares it. Files stop being added
+    beyond `max_bytes`. The files are checked before training and do not change during a run."""
+
+    def __init__(self, max_bytes: int = 1 << 30):
+        self.max_bytes, self.bytes, self.arrays = max_bytes, 0, {}
+
+    def get(self, reader, path):
+        key = (reader.__name__, str(path))
+        array = self.arrays.get(key)
+        if array is None:
+            array = reader(path)
+            if self.bytes + array.nbytes <= self.max_bytes:
+                array.setflags(write=False)  # shared by every later read: never modified in place
+                self.arrays[key] = array
+                self.bytes += array.nbytes
+        return array
+
+
+DECODED = DecodedCache()
+
+
 class _Samples(Dataset):
     """Shared by both kinds: rows of a split, a transform seeded per (epoch, image) when the
     sampler gives an epoch (datamodules.sampling), and what to do with an unreadable file:
-    "stop" raises UnreadableSample, "skip" returns None, which `collate_skipping` drops and counts."""
+    "stop" raises UnreadableSample, "skip" returns None, which `collate_skipping` drops and counts.
+    With `cache_decoded`, decoded files are kept in the process-wide DECODED cache."""
 
-    def __init__(self, files: SplitFiles, indices: np.ndarray, transform, seed: int = 0, on_unreadable: str = "stop"):
+    def __init__(self, files: SplitFiles, indices: np.ndarray, transform, seed: int = 0, on_unreadable: str = "stop",
+                 cache_decoded: bool = False):
         self.files, self.indices, self.transform = files, indices, transform
-        self.seed, self.on_unreadable = seed, on_unreadable
+        self.seed, self.on_unreadable, self.cache_decoded = seed, on_unreadable, cache_decoded
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -51,7 +79,7 @@ class _Samples(Dataset):
 
     def _read(self, reader, path):
         try:
-            return reader(path)
+            return DECODED.get(reader, path) if self.cache_decoded else reader(path)
         except (OSError, ValueError, SyntaxError) as error:  # PIL: OSError (truncated, unidentified), SyntaxError
             raise UnreadableSample(f"{path}: cannot be read ({error})") from None
 
@@ -87,6 +115,22 @@ class ImageLabelled(_Samples):
         return {"image": out["image"], "new_class_labels": torch.from_numpy(self.labels[i]), "index": row}
 
 
+class _EpochKeyed(Dataset):
+    """A ConcatDataset indexed by (epoch, index) pairs, passing the epoch to its member."""
+
+    def __init__(self, concat: ConcatDataset):
+        self.concat = concat
+
+    def __len__(self) -> int:
+        return len(self.concat)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        source = int(np.searchsorted(self.concat.cumulative_sizes, index, side="right"))
+        start = self.concat.cumulative_sizes[source - 1] if source else 0
+        return self.concat.datasets[source][(epoch, index - start)]
+
+
 def collate_skipping(samples: list[dict]) -> dict:
     """default_collate of the readable samples; "unreadable": the messages of the skipped ones,
     when there are any."""
@@ -98,6 +142,19 @@ def collate_skipping(samples: list[dict]) -> dict:
     if skipped:
         batch["unreadable"] = skipped
     return batch
+
+
+@dataclass
+class TrainingSources:
+    """What a step trains on: one dataset (the step's images with their labels), or several whose
+    global batches alternate (source 0 first; an epoch is one pass over source 0: see
+    datamodules.sampling.InterleavedTrainingSampler). A method changes them through its
+    `training_data` hook; every source yields the same keys as source 0."""
+    datasets: list[Dataset]
+
+    def __post_init__(self):
+        if not self.datasets:
+            raise ValueError("a step needs at least one training source")
 
 
 def validation_rows(num_rows: int, fraction: float, seed: int = 0) -> np.ndarray:
@@ -126,7 +183,7 @@ class IncrementalSegmentationDataModule(pl.LightningDataModule):
                  void_as_background: bool = True, future_classes_in_test: str = "ignore",
                  size_divisor: int = 16, num_workers: int = 2, dataset_options: dict | None = None,
                  validation_fraction: float = 0.0, eval_crop_size: int | None = None, seed: int = 0,
-                 on_unreadable: str = "stop"):
+                 on_unreadable: str = "stop", cache_decoded: bool = False):
         super().__init__()
         if supervision not in SUPERVISIONS:
             raise ValueError(f"unknown supervision {supervision!r}; expected one of {SUPERVISIONS}")
@@ -149,12 +206,13 @@ class IncrementalSegmentationDataModule(pl.LightningDataModule):
         # or "skip" an image that breaks during training.
         if on_unreadable not in ON_UNREADABLE:
             raise ValueError(f"data.on_unreadable must be one of {ON_UNREADABLE}, not {on_unreadable!r}")
-        self.seed, self.on_unreadable = seed, on_unreadable
+        self.seed, self.on_unreadable, self.cache_decoded = seed, on_unreadable, cache_decoded
         self.evaluated_split = "test"  # what test_dataloader serves: "test" or "val"
         if not 0.0 <= validation_fraction < 1.0:
             raise ValueError(f"validation_fraction must be in [0, 1), not {validation_fraction}")
         self.validation_fraction = validation_fraction
         self.train_set = self.test_set = self.val_set = None
+        self.training_sources: TrainingSources | None = None
 
     def prepare_data(self) -> None:
         datasets.locate(self.dataset, self.data_root, self.dataset_options)  # generate or fail early
@@ -169,30 +227,51 @@ class IncrementalSegmentationDataModule(pl.LightningDataModule):
         held_out = validation_rows(len(located.train), self.validation_fraction)
         self.train_indices = np.setdiff1d(self.train_indices, held_out)
         self.test_indices = splits.select_test_images(self.test_presence, self.steps, self.step, self.test_images)
+        self.located = located
         unlabeled = located.background_is_unlabeled
-        train_tf = train_transform(self.crop_size, self.train_scale)
-        if self.supervision == "image":
-            labels = np.stack([new_class_labels(self.train_presence[i], self.steps, self.step)
-                               for i in self.train_indices]) if len(self.train_indices) else np.zeros((0, 0), np.float32)
-            self.train_set = ImageLabelled(located.train, self.train_indices, labels, train_tf, seed=self.seed,
-                                           on_unreadable=self.on_unreadable)
-        else:
-            lookup = label_lookup(self.steps, self.step, "train", void_as_background=self.void_as_background,
-                                  old_classes=self.old_labels, background_is_unlabeled=unlabeled)
-            self.train_set = PixelLabelled(located.train, self.train_indices, lookup, train_tf, seed=self.seed,
-                                           on_unreadable=self.on_unreadable)
+        self.train_set = (self.image_labelled_training_set() if self.supervision == "image"
+                          else self.pixel_labelled_training_set())
+        self.training_sources = TrainingSources([self.train_set])
         test_lookup = label_lookup(self.steps, self.step, "test", future_classes=self.future_classes_in_test,
                                    background_is_unlabeled=unlabeled)
         eval_tf = eval_transform(self.eval_crop_size, self.eval_mode, self.size_divisor)
-        self.test_set = PixelLabelled(located.test, self.test_indices, test_lookup, eval_tf)
+        self.test_set = PixelLabelled(located.test, self.test_indices, test_lookup, eval_tf,
+                                      cache_decoded=self.cache_decoded)
         if len(held_out):
             # Scored like the test set (every seen class kept), on training images no step trains on.
             seen = splits.select_test_images(self.train_presence[held_out], self.steps, self.step, "seen")
             self.val_indices = held_out[seen]
-            self.val_set = PixelLabelled(located.train, self.val_indices, test_lookup, eval_tf)
+            self.val_set = PixelLabelled(located.train, self.val_indices, test_lookup, eval_tf,
+                                         cache_decoded=self.cache_decoded)
         if len(self.train_set) < 2:
             raise ValueError(f"step {self.step} of {self.dataset} {self.mode} has {len(self.train_set)} training "
                              "images; at least 2 are needed (batch norm)")
+
+    # --- training sets (builders a method's training_data hook may use) --------------------------
+    def image_labelled_training_set(self) -> ImageLabelled:
+        """The step's training images with the multi-hot label of the step's new classes, no mask."""
+        labels = np.stack([new_class_labels(self.train_presence[i], self.steps, self.step)
+                           for i in self.train_indices]) if len(self.train_indices) else np.zeros((0, 0), np.float32)
+        return ImageLabelled(self.located.train, self.train_indices, labels, train_transform(self.crop_size, self.train_scale),
+                             seed=self.seed, on_unreadable=self.on_unreadable, cache_decoded=self.cache_decoded)
+
+    def pixel_labelled_training_set(self, masks: list[Path] | None = None) -> PixelLabelled:
+        """The step's training images with pixel labels through the train lookup of PROTOCOL.md §4:
+        their ground-truth masks, or `masks` (one file per train row of the split, in dataset ids,
+        e.g. a weak baseline's pseudo-masks) in their place."""
+        files = self.located.train
+        if masks is not None:
+            if len(masks) != len(files):
+                raise ValueError(f"{len(masks)} mask files for a train split of {len(files)} images")
+            files = SplitFiles(files.ids, files.images, [Path(m) for m in masks])
+        lookup = label_lookup(self.steps, self.step, "train", void_as_background=self.void_as_background,
+                              old_classes=self.old_labels, background_is_unlabeled=self.located.background_is_unlabeled)
+        return PixelLabelled(files, self.train_indices, lookup, train_transform(self.crop_size, self.train_scale),
+                             seed=self.seed, on_unreadable=self.on_unreadable, cache_decoded=self.cache_decoded)
+
+    def set_training_sources(self, sources: TrainingSources) -> None:
+        self.training_sources = sources
+        self.train_set = sources.datasets[0]
 
     def _train_rows(self, located) -> np.ndarray:
         """The rows that train this step: the dataset's own rule when it has one (COCO-to-VOC's
@@ -215,13 +294,30 @@ class IncrementalSegmentationDataModule(pl.LightningDataModule):
         # batch norm in DeepLab's pooling branch.
         rank, world = self._rank_and_world()
         accumulation = self._accumulation()
-        batch = min(self.batch_size, len(self.train_set) // (world * accumulation))
+        sources = self.training_sources.datasets
+        batch = min(self.batch_size, len(sources[0]) // (world * accumulation))
         if batch < 1:
-            raise ValueError(f"step {self.step} has {len(self.train_set)} training images, fewer than one per "
+            raise ValueError(f"step {self.step} has {len(sources[0])} training images, fewer than one per "
                              f"process and accumulated batch ({world} x {accumulation})")
-        sampler = EpochTrainingSampler(len(self.train_set), batch, self.seed, rank, world, accumulation=accumulation)
-        return DataLoader(self.train_set, batch_size=batch, sampler=sampler, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
+        if len(sources) == 1:
+            dataset = sources[0]
+            sampler = EpochTrainingSampler(len(dataset), batch, self.seed, rank, world, accumulation=accumulation)
+        else:
+            dataset = ConcatDataset(sources)
+            sampler = InterleavedTrainingSampler([len(d) for d in sources], batch, self.seed, rank, world,
+                                                 accumulation=accumulation)
+        return DataLoader(_EpochKeyed(dataset) if len(sources) > 1 else dataset, batch_size=batch, sampler=sampler,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          pin_memory=torch.cuda.is_available(), collate_fn=collate_skipping)
+
+    def training_pass_dataloader(self) -> DataLoader:
+        """One pass over the step's own training images (source 0) before training: this rank's
+        shard (every image once over all ranks), the train transform seeded with an epoch of its
+        own (sampling.TRAINING_PASS_EPOCH), in training batches."""
+        rank, world = self._rank_and_world()
+        return DataLoader(self.train_set, batch_size=self.batch_size,
+                          sampler=ShardedSampler(len(self.train_set), rank, world, epoch=TRAINING_PASS_EPOCH),
+                          num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
                           collate_fn=collate_skipping)
 
     def test_dataloader(self) -> DataLoader:
@@ -239,5 +335,5 @@ class IncrementalSegmentationDataModule(pl.LightningDataModule):
         # Full-resolution images differ in size: one per batch.
         batch = 1 if self.eval_mode == "full" else self.test_batch_size
         rank, world = self._rank_and_world()
-        return DataLoader(dataset, batch_size=batch, sampler=ShardedEvaluationSampler(len(dataset), rank, world),
+        return DataLoader(dataset, batch_size=batch, sampler=ShardedSampler(len(dataset), rank, world),
                           num_workers=self.num_workers, pin_memory=torch.cuda.is_available())

@@ -13,7 +13,12 @@ Two properties the suite relies on:
   resumed from an epoch-end checkpoint continues exactly as the uninterrupted run would have.
 
 Evaluation is sharded without padding (torch's DistributedSampler repeats images to even out the
-ranks, which would count them twice in the summed confusion matrix).
+ranks, which would count them twice in the summed confusion matrix). So is a method's pass over the
+training images before training (`ShardedSampler` with an epoch tag: the train transform, seeded).
+
+A step may train on several sources (RECALL: the step's images and a replay pool):
+`InterleavedTrainingSampler` draws global batch b from source b mod k, so batches alternate between
+the sources, again the same global batches for any number of processes.
 """
 from __future__ import annotations
 
@@ -65,20 +70,58 @@ class EpochTrainingSampler(Sampler):
                 yield self.epoch, int(index)
 
 
-class ShardedEvaluationSampler(Sampler):
-    """Rank r evaluates positions r, r + W, r + 2W, ... of the set: every image exactly once
-    over all ranks (shards differ by at most one image; no padding)."""
+class InterleavedTrainingSampler(EpochTrainingSampler):
+    """Several training sources (one ConcatDataset, source k at offset sum(sizes[:k])): global
+    batch b comes from source b mod k, from that source's own permutation of (seed, epoch, k),
+    continued across its global batches and wrapped when a later source is shorter. An epoch
+    ends when source 0 (the step's own images) has no whole global batch left, so it has k times
+    the global batches of source 0 alone; only whole optimizer updates are kept."""
 
-    def __init__(self, num_items: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, sizes: list[int], batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 accumulation: int = 1):
+        if not sizes or min(sizes) < 1:
+            raise ValueError(f"every training source needs images; sizes {sizes}")
+        super().__init__(sum(sizes), batch_size, seed, rank, world_size, accumulation=accumulation)
+        self.sizes = list(sizes)
+
+    @property
+    def num_batches(self) -> int:
+        per_source = self.sizes[0] // (self.batch_size * self.world_size)
+        return (per_source * len(self.sizes)) // self.accumulation * self.accumulation
+
+    def __iter__(self):
+        offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]])
+        orders = [np.random.default_rng([self.seed, self.epoch, k]).permutation(n) for k, n in enumerate(self.sizes)]
+        global_batch = self.batch_size * self.world_size
+        for b in range(self.num_batches):
+            k, chunk = b % len(self.sizes), b // len(self.sizes)
+            start = chunk * global_batch + self.rank * self.batch_size
+            for position in range(start, start + self.batch_size):
+                yield self.epoch, int(offsets[k] + orders[k][position % self.sizes[k]])
+
+
+class ShardedSampler(Sampler):
+    """Rank r takes positions r, r + W, r + 2W, ... of the set: every image exactly once over all
+    ranks (shards differ by at most one image; no padding). With `epoch`, it yields (epoch, index)
+    pairs, so the dataset seeds its (training) augmentation as for that epoch."""
+
+    def __init__(self, num_items: int, rank: int = 0, world_size: int = 1, epoch: int | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
-        self.num_items, self.rank, self.world_size = num_items, rank, world_size
+        self.num_items, self.rank, self.world_size, self.epoch = num_items, rank, world_size, epoch
 
     def __len__(self) -> int:
         return len(range(self.rank, self.num_items, self.world_size))
 
     def __iter__(self):
-        return iter(range(self.rank, self.num_items, self.world_size))
+        positions = range(self.rank, self.num_items, self.world_size)
+        return iter(positions) if self.epoch is None else ((self.epoch, i) for i in positions)
+
+
+ShardedEvaluationSampler = ShardedSampler  # the test sets' sampler (no epoch: no augmentation)
+# The "epoch" of a method's pass over the training images before training: it seeds that pass's
+# augmentation apart from every training epoch (no schedule reaches it).
+TRAINING_PASS_EPOCH = 1_000_000
 
 
 def seed_augmentation(transform, seed: int, epoch: int, index: int) -> None:

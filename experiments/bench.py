@@ -16,7 +16,8 @@ set on CPU, torch.cuda.max_memory_allocated on GPU.
 
 Presets: "embedded" = the experiment as configured (the default: synthetic_15_5_disjoint, CPU);
 "r101-512" = DeepLabV3-ResNet-101 at 512x512 crops with batch 12 (the paper network; on a GPU).
-WILSON is measured with its pseudo-labels on (pseudo_label_epoch=0): its full step-1 loss.
+Every method is measured with its full step-1 loss from the first iteration (its
+`full_loss_hparams`: WILSON's pseudo-labels from epoch 0).
 """
 from __future__ import annotations
 
@@ -39,43 +40,37 @@ PRESETS = {
 }
 
 
-def _config(args, method: str) -> dict:
+def _config(args, method: str):
+    """The run configuration of `method` in the benchmarked experiment, with the method's full loss
+    from the first iteration (Method.full_loss_hparams: WILSON's pseudo-labels from epoch 0)."""
     from experiments.config import apply_overrides, load_experiment, resolve
+    from lightning_modules.methods import METHODS
 
     overrides = [*PRESETS[args.preset], f"trainer.precision={args.precision}",
                  f"trainer.channels_last={str(args.channels_last).lower()}", "logger.wandb=disabled",
-                 f"methods=[{method}]", "output_dir=runs/bench", "cache_dir=runs/bench/cache", *args.overrides]
-    if method == "wilson":
-        overrides.append("methods.wilson.pseudo_label_epoch=0")
-    config = resolve(apply_overrides(load_experiment(args.experiment), overrides))
-    config["trainer"]["limit_train_batches"] = args.warmup + args.iterations
-    return config
+                 f"methods=[{method}]", "output_dir=runs/bench", "cache_dir=runs/bench/cache", "trainer.progress=off",
+                 f"trainer.limit_train_batches={args.warmup + args.iterations}", *args.overrides]
+    overrides += [f"methods.{method}.{key}={value}" for key, value in METHODS[method].full_loss_hparams.items()]
+    return resolve(apply_overrides(load_experiment(args.experiment), overrides)).run_config(method)
 
 
-def _step_one_module(config: dict, method_name: str):
-    """The objects of step 1 as experiments.run builds them, from an untrained step-0 network
-    (throughput does not depend on the weights)."""
-    from callbacks.teacher import TeacherCallback
+def _step_one(config):
+    """Step 1 as `make run` builds it (experiments.run.learn_task and experiments.training), from an
+    untrained step-0 network (throughput does not depend on the weights)."""
     from datamodules import datasets
-    from datamodules.tasks import channel_order, task_classes
-    from experiments.run import build_datamodule, build_network, lr_scale, schedule_for
+    from datamodules.tasks import task_classes
+    from experiments.training import build_step
     from lightning_modules.methods import build_method
-    from lightning_modules.module import IncrementalSegmentationModule
 
-    data = config["data"]
-    steps = task_classes(data["dataset"], data["task"])
-    datasets.locate(data["dataset"], data["root"], data.get("options"))
-    entry = dict(config["methods"][method_name] or {})
-    method = build_method(method_name, **{k: v for k, v in entry.items() if k != "schedule"})
-    network = build_network(config, [len(steps[0])], pretrained=False)
-    schedule = schedule_for(config, entry, 1)
-    module = IncrementalSegmentationModule(
-        network, method, steps, 1, lr=schedule["lr"] * lr_scale(config), momentum=config["optimizer"]["momentum"],
-        nesterov=config["optimizer"]["nesterov"], weight_decay=config["optimizer"]["weight_decay"],
-        poly_power=config["optimizer"]["poly_power"], class_names=[str(c) for c in channel_order(steps, 1)],
-        channels_last=config["trainer"]["channels_last"])
-    datamodule = build_datamodule(config, method, steps, 1)
-    return module, datamodule, TeacherCallback(len(steps[1])), schedule
+    data = config.data
+    steps = task_classes(data.dataset, data.task)
+    datasets.locate(data.dataset, data.root, data.options)
+    method = build_method(config.method, **config.hparams)
+    network = method.build_network(config.network, [len(steps[0])], pretrained=False)
+    old_network = network.frozen_copy() if method.uses_old_model else None
+    network.add_classes(len(steps[1]))
+    method.init_new_classifier(network, old_network)
+    return build_step(config, method, steps, 1, network, old_network)
 
 
 class _Timer:
@@ -107,7 +102,7 @@ class _Timer:
 def _device(config):
     import torch
 
-    accelerator = config["trainer"]["accelerator"]
+    accelerator = config.trainer.accelerator
     use_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     return torch.device("cuda" if use_cuda else "cpu")
 
@@ -117,37 +112,35 @@ def _measure_suite(config, method_name, timer_args):
 
     from experiments.run import build_trainer
 
-    module, datamodule, teacher, schedule = _step_one_module(config, method_name)
+    built = _step_one(config)
     timer = _Timer(*timer_args, _device(config))
 
     class Timing(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             timer.batch_done(len(batch["image"]))
 
-    trainer = build_trainer(config, 1, False, [teacher, Timing()])
-    trainer.fit(module, datamodule=datamodule)
+    trainer = build_trainer(config, 1, False, built.callbacks + [Timing()])
+    trainer.fit(built.module, datamodule=built.datamodule)
     return timer
 
 
 def _measure_bare(config, method_name, timer_args):
     import torch
 
-    module, datamodule, teacher, schedule = _step_one_module(config, method_name)
+    built = _step_one(config)
+    module, datamodule = built.module, built.datamodule
     device = _device(config)
-    teacher.setup(None, module, "fit")  # the same step start: old network, new head, init, localizer
+    for callback in built.callbacks:  # the same hand-over of the old network as under the Trainer
+        callback.setup(None, module, "fit")
     module.to(device)
     module.configure_model()
     if module.old_network is not None:
         module.old_network.to(device).eval()
     module.train()
-    datamodule.setup("fit")
     loader = datamodule.train_dataloader()
     total = min(len(loader), timer_args[0] + timer_args[1])
-    optimizer = torch.optim.SGD(module.method.parameter_groups(module, module.lr), lr=module.lr,
-                                momentum=module.momentum, nesterov=module.nesterov, weight_decay=module.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda it: module.method.learning_rate_factor(module, it, total, total, module.poly_power))
-    precision = config["trainer"]["precision"]
+    optimizer, scheduler = module.build_optimizer(total, total)  # what configure_optimizers returns
+    precision = config.trainer.precision
     dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     timer = _Timer(*timer_args, device)
@@ -170,8 +163,7 @@ def _measure_bare(config, method_name, timer_args):
 
 
 def _measure_data(config, method_name, timer_args):
-    module, datamodule, teacher, schedule = _step_one_module(config, method_name)
-    datamodule.setup("fit")
+    datamodule = _step_one(config).datamodule
     timer = _Timer(*timer_args, _device(config))
     for index, batch in enumerate(datamodule.train_dataloader()):
         timer.batch_done(len(batch["image"]))
@@ -199,8 +191,8 @@ def _child(variant, args, method, queue):
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     queue.put({"images_per_s": timer.images / timer.seconds, "ms_per_iteration": 1000 * timer.seconds / args.iterations,
-               "peak_mb": peak, "device": str(device), "batch": config["data"]["batch_size"],
-               "crop": config["data"]["crop_size"]})
+               "peak_mb": peak, "device": str(device), "batch": config.data.batch_size,
+               "crop": config.data.crop_size, "precision": config.trainer.precision})
 
 
 def measure(variant: str, args, method: str) -> dict:
@@ -221,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="embedded")
-    parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed", "16-mixed"])
+    parser.add_argument("--precision", default="32-true", choices=["auto", "32-true", "bf16-mixed", "16-mixed"])
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--json", help="also write the measurements to this file")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the experiment")

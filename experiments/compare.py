@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from datamodules.tasks import class_span
-from experiments.report import _paper_cell
+from experiments.reporting.table import _paper_cell
 
 # The per-step quantities of lightning_modules.metrics.summarize_step that the table carries
 # (new_with_bg is always new_no_bg: background never belongs to the new classes).
@@ -262,7 +262,7 @@ def log_comparison_to_wandb(rows: list[dict], experiment: str, project: str = "c
     """The rows as a wandb.Table ("comparison") in one run of job_type "compare", grouped by
     experiment. mode: WANDB_MODE, else online when logged in, else offline (tracking.wandb_mode);
     "disabled" logs nothing. Returns the run's local directory (None when disabled)."""
-    from experiments.tracking import log_summary_run
+    from experiments.reporting.tracking import log_summary_run
 
     return log_summary_run(experiment, "compare", [experiment, "compare"], table_rows=rows,
                            config={"experiment": experiment}, project=project, mode=mode, save_dir=save_dir)

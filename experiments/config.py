@@ -1,64 +1,337 @@
-"""Experiment files (`experiments/<name>.yaml`) and `key=value` overrides.
+"""Experiment configuration as typed data: one schema per section, with its defaults and ranges here
+and nowhere else.
 
-An override's key is a dotted path that must already exist in the experiment file, so a
-misspelt key is an error, not a silently ignored setting. Exceptions: under `methods.<name>`
-(checked by the method itself) and `data.options`. `methods=[a,b]` selects a subset of the
-file's methods (a registered method not in the file runs with its defaults).
+    experiments/<name>.yaml  ->  load_experiment (a raw dict; `base:` merged)
+                             ->  apply_overrides (key=value, values parsed as YAML)
+                             ->  resolve          (validated: an `Experiment`; DATA_ROOT filled in)
+    Experiment.run_config(method) -> RunConfig    (what one method's run uses)
+
+Every problem is a `ConfigError` (a ValueError) with one line naming the key: an unknown key (a typo
+never silently runs the default), a wrong type, a value out of range, malformed YAML. Validation
+happens before anything is written or trained.
+
+A method brings its own settings in two places, merged in this order over the experiment's sections:
+its class's `settings` (e.g. PLOP keeps void as 255 in training) and the experiment file's entry,
+`methods.<name>.<section>.<key>` for the sections `data`, `network`, `schedule`, `optimizer` and
+`trainer.precision` (e.g. SDR's batch 8, WILSON's fp16 autocast in the GPU files). The other keys
+of an entry are the method's hyper-parameters, checked against its dataclass fields and types.
+
+The lr of a schedule is for `optimizer.reference_batch` images per update: by default the batch size
+the file gives (the experiment's, or a method's own), fixed before any override, so that
+`data.batch_size=8` on the command line scales the lr (PROTOCOL.md §6) instead of redefining it.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
+import typing
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model, field_validator
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent
-FREE_FORM = ("methods.", "data.options.", "expected.")
+# Sections a method entry may carry to override the experiment's (trainer: precision only; the
+# process layout is one for the whole experiment).
+METHOD_SECTIONS = ("data", "network", "schedule", "optimizer", "trainer")
+METHOD_TRAINER_KEYS = ("precision",)
+PRECISIONS = ("auto", "32-true", "16-mixed", "bf16-mixed")
 
-
-# Settings every experiment has, so that they can be overridden from any file: the held-out
-# share of the training images for hyper-parameter searches (0: none, the papers' protocol); the
-# test crop when it differs from the training crop (null: the same).
-DEFAULTS = {
-    # on_unreadable: an image that breaks during training stops the run ("stop") or is skipped and
-    # counted ("skip"); every file is checked before training anyway (datamodules.validate).
-    "data": {"validation_fraction": 0.0, "eval_crop_size": None, "on_unreadable": "stop"},
-    # Test images shown in the qualitative figure (image | ground truth | predictions); 0: none.
-    "figures": {"qualitative_images": 4},
-    # Processes and speed (README "Multi-GPU"): devices x num_nodes processes, each with
-    # data.batch_size images; precision 32-true | 16-mixed | bf16-mixed; compile: false, true
-    # (inductor) or a torch.compile backend name.
-    "trainer": {"accelerator": "auto", "devices": 1, "num_nodes": 1, "strategy": "auto", "precision": "32-true",
-                "accumulate_grad_batches": 1, "sync_batchnorm": True, "channels_last": False, "compile": False,
-                "deterministic": False, "log_every_n_steps": 10, "limit_train_batches": 1.0,
-                "limit_test_batches": 1.0},
-    # The lr of the schedule is for `reference_batch` images per update (the file's data.batch_size
-    # unless given); with another effective batch it is scaled linearly (PROTOCOL.md §6).
-    "optimizer": {"scale_lr": True, "reference_batch": None},
-    # A Lightning checkpoint every n epochs of a step, and one per finished step; a run started
-    # again with the same command continues from them (resume: false starts over).
-    "checkpoint": {"every_n_epochs": 1},
-    "resume": True,
-}
-# The keys an experiment file may hold (a misspelt key in a file is an error, as in an override).
-KNOWN_KEYS = {
-    "": {"name", "description", "base", "based_on", "data", "network", "schedule", "optimizer", "trainer", "logger",
-         "methods", "expected", "seed", "output_dir", "cache_dir", "figures", "checkpoint", "resume"},
-    "data": {"dataset", "root", "task", "mode", "batch_size", "test_batch_size", "crop_size", "eval_crop_size",
-             "train_scale", "eval_mode", "test_images", "void_as_background", "future_classes_in_test", "num_workers",
-             "options", "validation_fraction", "on_unreadable"},
-    "optimizer": {"momentum", "nesterov", "weight_decay", "poly_power", "scale_lr", "reference_batch"},
-    "schedule": {"step0", "incremental"},
-    "logger": {"wandb", "project"},
-    **{section: set(DEFAULTS[section]) for section in ("trainer", "figures", "checkpoint")},
-}
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0, lt=1)]
 
 
 class ConfigError(ValueError):
     """A bad experiment name, override or value; the message is one line for the user."""
 
 
+class Section(BaseModel):
+    """Strict: no unknown keys, no silent type conversion (YAML already gives typed values); frozen:
+    the code reads a configuration, it never edits one."""
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class DataConfig(Section):
+    dataset: Literal["voc", "ade", "coco-voc", "synthetic"]
+    root: str | None = None                        # null: $DATA_ROOT, else ./data
+    task: str | list[list[int]]                    # "15-5", or a class order like [[0, 1, 2], [3]]
+    mode: Literal["disjoint", "overlap"]
+    crop_size: PositiveInt
+    eval_crop_size: PositiveInt | None = None      # the test crop when it differs (WILSON's COCO: 448 / 512)
+    train_scale: Annotated[list[PositiveFloat], Field(min_length=2, max_length=2)] = [0.5, 2.0]
+    eval_mode: Literal["center_crop", "full"] = "center_crop"
+    test_images: Literal["seen", "all"] = "seen"
+    void_as_background: bool = True               # MiB/WILSON code trains void as background
+    future_classes_in_test: Literal["ignore", "background"] = "ignore"
+    batch_size: PositiveInt                        # per process
+    test_batch_size: PositiveInt | None = None
+    num_workers: Literal["auto"] | NonNegativeInt = "auto"
+    options: dict[str, Any] = {}                   # the dataset's own (synthetic sizes, partition files, ...)
+    validation_fraction: Fraction = 0.0            # held-out training images for hyper-parameter searches
+    on_unreadable: Literal["stop", "skip"] = "stop"  # an image that breaks during training
+    # Keep decoded images and masks in memory (each file decoded once per process): for datasets
+    # that fit in memory, like the embedded one (datamodules.incremental.DecodedCache).
+    cache_decoded: bool = False
+
+
+class NetworkConfig(Section):
+    arch: Literal["deeplabv3", "deeplabv3plus"] = "deeplabv3"
+    encoder: str = "resnet101"
+    encoder_depth: Annotated[int, Field(ge=1, le=5)] = 5
+    output_stride: Literal[8, 16, 32] = 16
+    atrous_rates: Annotated[list[PositiveInt], Field(min_length=3, max_length=3)] = [6, 12, 18]
+    decoder_channels: PositiveInt = 256
+    aspp_dropout: Fraction = 0.0
+    encoder_weights: str | None = None
+
+
+class StepSchedule(Section):
+    epochs: PositiveInt
+    lr: PositiveFloat
+
+
+class ScheduleConfig(Section):
+    step0: StepSchedule
+    incremental: StepSchedule
+
+
+class OptimizerConfig(Section):
+    momentum: Fraction = 0.9
+    nesterov: bool = True
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-4
+    poly_power: Annotated[float, Field(ge=0)] = 0.9
+    scale_lr: bool = True
+    reference_batch: PositiveInt | None = None     # filled in at load: the file's batch size
+
+
+class TrainerConfig(Section):
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
+    devices: PositiveInt | list[NonNegativeInt] | Literal["auto"] = 1
+    num_nodes: PositiveInt = 1
+    strategy: str = "auto"
+    # auto: bf16 autocast on a CPU with bfloat16 hardware (AVX512-BF16 / AMX), else fp32; fp32 on GPUs.
+    precision: Literal[PRECISIONS] = "auto"
+    accumulate_grad_batches: PositiveInt = 1
+    sync_batchnorm: bool = True
+    channels_last: bool = False
+    compile: bool | str = False                    # true (inductor) or a torch.compile backend name
+    deterministic: bool = False
+    log_every_n_steps: PositiveInt = 10
+    limit_train_batches: PositiveInt | Annotated[float, Field(gt=0, le=1)] = 1.0
+    limit_test_batches: PositiveInt | Annotated[float, Field(gt=0, le=1)] = 1.0
+    # "auto": a progress bar on a terminal, one line per epoch otherwise (a log file); "bar";
+    # "epochs"; "off" (callbacks/progress.py).
+    progress: Literal["auto", "bar", "epochs", "off"] = "auto"
+
+
+class LoggerConfig(Section):
+    wandb: Literal["auto", "online", "offline", "disabled"] = "auto"
+    project: str = "ciss"
+
+
+class FiguresConfig(Section):
+    qualitative_images: NonNegativeInt = 4         # test images of the qualitative figure; 0: none
+
+
+class CheckpointConfig(Section):
+    every_n_epochs: PositiveInt = 1
+
+
+class RunConfig(Section):
+    """What one method's run of an experiment uses: the experiment's sections with the method's
+    own settings merged in, the method's hyper-parameters, and the precision resolved for this
+    machine."""
+    experiment: str
+    method: str
+    hparams: dict[str, Any]
+    data: DataConfig
+    network: NetworkConfig
+    schedule: ScheduleConfig
+    optimizer: OptimizerConfig
+    trainer: TrainerConfig
+    logger: LoggerConfig
+    figures: FiguresConfig
+    checkpoint: CheckpointConfig
+    seed: NonNegativeInt
+    resume: bool
+    output_dir: str
+    cache_dir: str
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+
+class Experiment(Section):
+    name: str
+    description: str = ""
+    based_on: str | None = None
+    data: DataConfig
+    network: NetworkConfig = NetworkConfig()
+    schedule: ScheduleConfig
+    optimizer: OptimizerConfig = OptimizerConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    logger: LoggerConfig = LoggerConfig()
+    figures: FiguresConfig = FiguresConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    seed: NonNegativeInt = 42
+    resume: bool = True                            # a run started again continues; false starts a new one
+    output_dir: str = "runs"
+    cache_dir: str = "runs/.step0_cache"
+    methods: Annotated[dict[str, dict[str, Any]], Field(min_length=1)]
+    expected: dict[str, Any] = {}                  # the papers' numbers, free form (experiments/report.py reads it)
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _entries_are_mappings(cls, methods):
+        if isinstance(methods, dict):
+            return {name: ({} if entry is None else entry) for name, entry in methods.items()}
+        return methods
+
+    _run_configs: dict = PrivateAttr(default_factory=dict)
+
+    def run_config(self, method_name: str) -> RunConfig:
+        """The configuration of `method_name`'s run (see the module docstring for the merge order)."""
+        if method_name not in self._run_configs:
+            self._run_configs[method_name] = _run_config(self, method_name)
+        return self._run_configs[method_name]
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+
+# --- method entries ----------------------------------------------------------------------------
+def split_method_entry(entry: dict) -> tuple[dict, dict]:
+    """(hyper-parameters, section overrides) of a `methods.<name>` entry."""
+    sections = {k: v for k, v in entry.items() if k in METHOD_SECTIONS}
+    return {k: v for k, v in entry.items() if k not in METHOD_SECTIONS}, sections
+
+
+def _method_class(name: str):
+    from lightning_modules.methods import METHODS
+
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def validate_hparams(method_cls, hparams: dict, where: str) -> dict:
+    """The method's hyper-parameters checked against its dataclass fields (names, types, ranges),
+    with the defaults filled in."""
+    hints = typing.get_type_hints(method_cls, include_extras=True)
+    fields = {}
+    for f in dataclasses.fields(method_cls):
+        default = (f.default if f.default is not dataclasses.MISSING else Field(default_factory=f.default_factory))
+        fields[f.name] = (hints[f.name], default)
+    model = create_model(f"{method_cls.__name__}Hyperparameters",
+                         __config__=ConfigDict(extra="forbid", strict=True), **fields)
+    try:
+        return model(**hparams).model_dump()
+    except ValidationError as error:
+        raise _one_line(error, model, where, f"method {method_cls.name!r} hyper-parameter") from None
+
+
+def _run_config(experiment: Experiment, method_name: str) -> RunConfig:
+    method_cls = _method_class(method_name)
+    hparams, sections = split_method_entry(experiment.methods[method_name])
+    where = f"methods.{method_name}"
+    hparams = validate_hparams(method_cls, hparams, where)
+    for section, overrides in sections.items():
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"{where}.{section} must be a mapping of {section} settings, not {overrides!r}")
+    trainer_keys = set((sections.get("trainer") or {})) - set(METHOD_TRAINER_KEYS)
+    if trainer_keys:
+        raise ConfigError(f"{where}.trainer.{sorted(trainer_keys)[0]}: a method may set only trainer."
+                          f"{', trainer.'.join(METHOD_TRAINER_KEYS)}; the process layout is the experiment's")
+    merged = {section: getattr(experiment, section).model_dump() for section in METHOD_SECTIONS}
+    class_settings = copy.deepcopy(getattr(method_cls, "settings", {}) or {})
+    class_batch = (class_settings.get("data") or {}).get("batch_size")
+    if class_batch and "reference_batch" not in (class_settings.get("optimizer") or {}):
+        class_settings.setdefault("optimizer", {})["reference_batch"] = class_batch  # its lr is for its batch
+    merged = _merge(_merge(merged, class_settings), sections)
+    merged["trainer"]["precision"] = resolve_precision(merged["trainer"]["precision"], merged["trainer"]["accelerator"])
+    raw = dict(merged, experiment=experiment.name, method=method_name, hparams=hparams,
+               **{k: getattr(experiment, k).model_dump() for k in ("logger", "figures", "checkpoint")},
+               **{k: getattr(experiment, k) for k in ("seed", "resume", "output_dir", "cache_dir")})
+    try:
+        return RunConfig(**raw)
+    except ValidationError as error:
+        raise _one_line(error, RunConfig, where) from None
+
+
+# --- precision ---------------------------------------------------------------------------------
+def cpu_has_bfloat16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (x86 AVX512-BF16 or AMX, ARM BF16), read from
+    /proc/cpuinfo. Elsewhere (macOS, other systems) False: bf16 autocast without the hardware is
+    slower than fp32."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[-1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def _on_gpu(accelerator: str) -> bool:
+    if accelerator in ("gpu", "cuda"):
+        return True
+    if accelerator == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return False
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """The precision a run trains with on this machine. "auto": bf16 autocast on a CPU with bfloat16
+    hardware (measured on the default network: forward + backward 54-75 ms instead of 98-101 ms
+    with fp32), fp32 elsewhere and on GPUs. "16-mixed" (the GPU files of WILSON) is a GPU setting:
+    on a CPU, where fp16 autocast does not exist, it becomes bf16-mixed or fp32 the same way."""
+    if precision not in ("auto", "16-mixed") or (precision == "16-mixed" and _on_gpu(accelerator)):
+        return precision
+    if _on_gpu(accelerator):
+        return "32-true"
+    return "bf16-mixed" if cpu_has_bfloat16() else "32-true"
+
+
+# --- errors ------------------------------------------------------------------------------------
+def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys the schema allows at `loc` (for "unknown key" messages)."""
+    node = model
+    for key in loc:
+        field = getattr(node, "model_fields", {}).get(key)
+        if field is None:
+            return []
+        annotation = field.annotation
+        candidates = [annotation, *typing.get_args(annotation)]
+        node = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if node is None:
+            return []
+    return sorted(getattr(node, "model_fields", {}))
+
+
+def _one_line(error: ValidationError, model: type[BaseModel], prefix: str = "", what: str = "config key") -> ConfigError:
+    first = error.errors()[0]
+    loc = tuple(str(part) for part in first["loc"])
+    path = ".".join(loc)
+    full = f"{prefix}.{path}" if prefix and path else (prefix or path)
+    if first["type"] == "extra_forbidden":
+        known = _known_keys(model, loc[:-1])
+        return ConfigError(f"unknown {what} {full!r}" + (f"; known keys there: {', '.join(known)}" if known else ""))
+    if first["type"] == "missing":
+        return ConfigError(f"{full}: missing (it has no default; set it in the experiment file or as {full}=...)")
+    value = first.get("input")
+    shown = f" (got {value!r})" if not isinstance(value, dict) else ""
+    return ConfigError(f"{full}: {first['msg'][0].lower()}{first['msg'][1:]}{shown}")
+
+
+# --- files and overrides -------------------------------------------------------------------------
 def experiment_names() -> list[str]:
     return sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))
 
@@ -73,63 +346,75 @@ def _merge(base: dict, changes: dict) -> dict:
     return merged
 
 
+def _read_yaml(path: Path) -> dict:
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path.name}: not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path.name}: an experiment file is a YAML mapping")
+    return config
+
+
 def load_experiment(name: str) -> dict:
-    """The experiment file `name`. A file may start from another with `base: <name>` (one
-    level: the base may not have a base of its own) and change only what differs."""
+    """The experiment file `name` (or a path to a .yaml) as a raw dict, checked. A file may start
+    from another with `base: <name>` (one level: the base may not have a base of its own) and change
+    only what differs; expected numbers belong to one setting and are never inherited."""
     path = Path(name) if name.endswith((".yaml", ".yml")) else EXPERIMENTS_DIR / f"{name}.yaml"
     if not path.is_file():
         raise ConfigError(f"unknown experiment {name!r}; available: {', '.join(experiment_names())}")
-    config = yaml.safe_load(path.read_text()) or {}
+    config = _read_yaml(path)
     if "base" in config:
         base = load_experiment(config.pop("base"))
         if base.pop("based_on", None):
             raise ConfigError(f"{path.name}: its base has a base itself; keep experiment files one level deep")
-        base.pop("expected", None)  # expected numbers belong to one setting, never inherited
+        base.pop("expected", None)
         config = _merge(base, config)
         config["based_on"] = base["name"]
     config["name"] = path.stem
-    config = _merge(DEFAULTS, config)
-    check_keys(config, path.name)
-    if config["optimizer"]["reference_batch"] is None:  # fixed here, before any override of the batch
-        config["optimizer"]["reference_batch"] = (config.get("data") or {}).get("batch_size")
+    _fix_reference_batches(config)
+    validate(config, where=path.name)
     return config
 
 
-def check_keys(config: dict, where: str) -> None:
-    """Every key of the sections with a fixed set of keys is known (KNOWN_KEYS)."""
-    for section, known in KNOWN_KEYS.items():
-        node = config if not section else config.get(section)
-        if not isinstance(node, dict):
-            continue
-        unknown = sorted(set(node) - known)
-        if unknown:
-            where_in = f"{section}." if section else ""
-            raise ConfigError(f"{where}: unknown config key {where_in}{unknown[0]!r}; known keys there: "
-                              f"{', '.join(sorted(known))}")
+def _fix_reference_batches(config: dict) -> None:
+    """optimizer.reference_batch = the file's batch size, for the experiment and for every method
+    entry that sets its own batch, unless the file says otherwise (see the module docstring)."""
+    batch = (config.get("data") or {}).get("batch_size")
+    optimizer = config.setdefault("optimizer", {}) if isinstance(config.get("optimizer", {}), dict) else None
+    if optimizer is not None and optimizer.get("reference_batch") is None and batch is not None:
+        optimizer["reference_batch"] = batch
+    for entry in (config.get("methods") or {}).values():
+        if isinstance(entry, dict) and isinstance(entry.get("data"), dict) and "batch_size" in entry["data"]:
+            entry_optimizer = entry.setdefault("optimizer", {})
+            if isinstance(entry_optimizer, dict):
+                entry_optimizer.setdefault("reference_batch", entry["data"]["batch_size"])
 
 
-def _set(config: dict, dotted: str, value) -> None:
-    keys = dotted.split(".")
-    node = config
-    for depth, key in enumerate(keys[:-1]):
-        if not isinstance(node.get(key), dict):
-            if any((dotted + ".").startswith(prefix) for prefix in FREE_FORM) and key not in node:
-                node[key] = {}
-            else:
-                raise ConfigError(f"unknown config key {'.'.join(keys[:depth + 1])!r} (in override {dotted}=...)")
-        node = node[key]
-    last = keys[-1]
-    if last not in node and not any(dotted.startswith(prefix) for prefix in FREE_FORM):
-        known = ", ".join(sorted(node)) if isinstance(node, dict) else ""
-        raise ConfigError(f"unknown config key {dotted!r}; known keys there: {known}")
-    node[last] = value
+def validate(config: dict, where: str = "") -> Experiment:
+    """The typed experiment, with every method's run configuration resolved (so that a bad method
+    entry fails here too)."""
+    try:
+        experiment = Experiment(**config)
+        for name in experiment.methods:
+            experiment.run_config(name)
+    except ValidationError as error:
+        raised = _one_line(error, Experiment)
+        raise ConfigError(f"{where}: {raised}" if where else str(raised)) from None
+    except ConfigError as error:
+        raise ConfigError(f"{where}: {error}" if where else str(error)) from None
+    return experiment
 
 
-def _parse_value(raw: str):
+def _parse_value(key: str, raw: str):
     """YAML, except that numbers like 1e-3 (a string to YAML 1.1) are numbers."""
     if not raw.strip():
         return None
-    value = yaml.safe_load(raw)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"override {key}={raw}: the value is not valid YAML ({problem})") from None
     if isinstance(value, str):
         try:
             return float(value)
@@ -138,30 +423,48 @@ def _parse_value(raw: str):
     return value
 
 
-def apply_overrides(config: dict, overrides: list[str]) -> dict:
-    """Return a copy of `config` with `key=value` overrides (values parsed as YAML)."""
-    config = copy.deepcopy(config)
+def _set(config: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    node = config
+    for depth, key in enumerate(keys[:-1]):
+        if key not in node or node[key] is None:
+            node[key] = {}
+        if not isinstance(node[key], dict):
+            raise ConfigError(f"override {dotted}=...: {'.'.join(keys[:depth + 1])} is a value, not a section")
+        node = node[key]
+    node[keys[-1]] = value
+
+
+def apply_overrides(config: dict | Experiment, overrides: list[str]) -> dict | Experiment:
+    """A copy of `config` with `key=value` overrides (values parsed as YAML), validated (an unknown
+    key, a wrong type, a value out of range: a ConfigError naming it); an Experiment in, an
+    Experiment out, a raw dict in, a raw dict out. `methods=[a,b]` selects methods of the file (a
+    registered method not in the file runs with its defaults)."""
+    typed = isinstance(config, Experiment)
+    raw = config.to_dict() if typed else copy.deepcopy(config)
     for override in overrides:
         if "=" not in override:
             raise ConfigError(f"override {override!r} is not of the form key=value")
-        key, raw = override.split("=", 1)
+        key, text = override.split("=", 1)
         key = key.strip().lstrip("-")  # accept --key=value as wandb's ${args} passes it
-        value = _parse_value(raw)
+        value = _parse_value(key, text)
         if key == "methods" and isinstance(value, (list, str)):
             value = [value] if isinstance(value, str) else value
-            available = config.get("methods") or {}
-            config["methods"] = {m: copy.deepcopy(available.get(m) or {}) for m in value}
+            available = raw.get("methods") or {}
+            raw["methods"] = {str(m): copy.deepcopy(available.get(m) or {}) for m in value}
             continue
-        _set(config, key, value)
-    return config
+        _set(raw, key, value)
+    experiment = validate(raw)
+    return experiment if typed else raw
 
 
-def resolve(config: dict) -> dict:
-    """Fill in what depends on the environment (data root), so the saved config is complete."""
-    config = copy.deepcopy(config)
-    data = config.setdefault("data", {})
-    if not data.get("root"):
+def resolve(config: dict | Experiment) -> Experiment:
+    """The validated experiment, with what depends on the environment filled in (the data root:
+    data.root, else $DATA_ROOT, else ./data), so the saved config is complete."""
+    raw = config.to_dict() if isinstance(config, Experiment) else copy.deepcopy(config)
+    data = raw.setdefault("data", {})
+    if isinstance(data, dict) and not data.get("root"):
         data["root"] = os.environ.get("DATA_ROOT", "data")
-    if not config.get("methods"):
+    if not raw.get("methods"):
         raise ConfigError("the experiment lists no methods")
-    return config
+    return validate(raw)

@@ -248,7 +248,7 @@ def run_arguments(argv: list[str]) -> tuple[str, list[str]]:
     return argv[position + 1], argv[position + 2:]
 
 
-def run_config(argv: list[str]) -> dict:
+def run_config(argv: list[str]):
     """The resolved configuration a run's argv stands for (what experiments.run would train),
     without training: raises ConfigError for an unknown key or experiment."""
     experiment, overrides = run_arguments(argv)
@@ -341,7 +341,7 @@ def run_local(config: dict, count: int | None = None, seed: int = 0, extra: list
     name, method = config.get("name", "sweep"), config["method"]
     extra = list(extra)
     probe = expand_command(config["command"], {}) + extra
-    base = Path(_checked_config(probe)["output_dir"])
+    base = Path(_checked_config(probe).output_dir)
     sweep_dir = base / "sweeps" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     env = dict(os.environ)
     env.setdefault("WANDB_MODE", "offline")
@@ -443,7 +443,7 @@ def run_online(config: dict, project: str, count: int | None, extra: list[str]) 
     check_sweep(config)
     import wandb
 
-    base = Path(_checked_config(expand_command(config["command"], {}) + list(extra))["output_dir"])
+    base = Path(_checked_config(expand_command(config["command"], {}) + list(extra)).output_dir)
     online = dict(config)
     # Files go under <output_dir>/sweeps/ (the agent's runs would otherwise land among the
     # experiment's own results; they overwrite each other there, wandb keeps every run); the
@@ -490,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
             config["command"] = with_experiment(config["command"], args.experiment)
         if args.local or args.dry_run:
             return run_local(config, args.count, args.seed, extra, dry_run=args.dry_run)
-        from experiments.run import wandb_mode
+        from experiments.reporting.tracking import wandb_mode
 
         if wandb_mode("auto") != "online":
             console.print("[red]error:[/] wandb is not logged in (or WANDB_MODE is not online): run `wandb login` "

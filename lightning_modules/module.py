@@ -11,7 +11,6 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 
 from lightning_modules.methods.base import Method
 from lightning_modules.metrics import iou_from_confusion, summarize_step
-from lightning_modules.network import SegmentationNetwork
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -19,26 +18,32 @@ class NonFiniteLoss(FloatingPointError):
 
 
 class IncrementalSegmentationModule(pl.LightningModule):
-    """Step `step` of `steps` for `method`: the network being trained and, at steps >= 1, the
-    frozen old network (set by callbacks.teacher.TeacherCallback).
+    """Step `step` of `steps` for `method`: the network being trained, the method's extra modules of
+    the step, and at steps >= 1 the frozen old network (handed over by callbacks.teacher).
 
     The old network is deliberately not a registered submodule: it is not in `parameters()`
     (so not in the optimizer), not in `state_dict()` (not saved as trainable state) and not
     switched to train mode by Lightning. Metrics are logged under "step<t>/..." because the
     global step restarts at every fit.
+
+    lr: the schedule's lr of this step; lr_scale multiplies every parameter group's lr (linear
+    scaling with the effective batch, PROTOCOL.md §6), including lrs a method sets absolutely.
     """
 
-    def __init__(self, network: SegmentationNetwork, method: Method, steps: list[list[int]], step: int,
-                 lr: float, momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 1e-4,
-                 poly_power: float = 0.9, class_names: list[str] | None = None, channels_last: bool = False,
-                 compile_network: bool | str = False):
+    def __init__(self, network: nn.Module, method: Method, steps: list[list[int]], step: int,
+                 lr: float, lr_scale: float = 1.0, momentum: float = 0.9, nesterov: bool = True,
+                 weight_decay: float = 1e-4, poly_power: float = 0.9, class_names: list[str] | None = None,
+                 channels_last: bool = False, compile_network: bool | str = False):
         super().__init__()
         self.network, self.method, self.steps, self.step = network, method, steps, step
-        self.lr, self.momentum, self.nesterov = lr, momentum, nesterov
+        self.lr, self.lr_scale, self.momentum, self.nesterov = lr, lr_scale, momentum, nesterov
         self.weight_decay, self.poly_power = weight_decay, poly_power
         self.class_names = class_names
         self.__dict__["_old_network"] = None  # plain attribute, see the class docstring
-        self.step_modules = nn.ModuleDict()  # the method's extra modules of this step (WILSON's localizer)
+        # The method's extra modules of this step (WILSON's localizer), created once the network has
+        # its new head (the step loop adds it before building the module).
+        self.step_modules = nn.ModuleDict(method.step_modules(network, self.n_old) if step > 0 else {})
+        self.pass_totals: dict[str, torch.Tensor] | None = None  # the method's pass before training
         self.test_confusion: np.ndarray | None = None  # filled by a test run
         self.test_iou: np.ndarray | None = None
         self.test_summary: dict | None = None
@@ -72,7 +77,6 @@ class IncrementalSegmentationModule(pl.LightningModule):
         return self.network(images)
 
     def configure_model(self) -> None:
-        """After the teacher callback has copied the old network and grown the classifier."""
         if self.channels_last:
             self.network.to(memory_format=torch.channels_last)
             for module in self.step_modules.values():
@@ -86,13 +90,48 @@ class IncrementalSegmentationModule(pl.LightningModule):
             batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
         return batch
 
+    def on_fit_start(self) -> None:
+        """The method's pass over the training images, unless a resumed checkpoint holds its totals."""
+        if self.step > 0 and self.method.uses_training_pass:
+            if self.pass_totals is None:
+                self.pass_totals = self._training_pass()
+            self.method.after_training_pass(self, self.pass_totals)
+
+    @torch.no_grad()
+    def _training_pass(self) -> dict[str, torch.Tensor]:
+        loader = self.trainer.datamodule.training_pass_dataloader()
+        totals: dict[str, torch.Tensor] = {}
+        was_training = self.training
+        self.eval()
+        try:
+            for batch in loader:
+                batch.pop("unreadable", None)
+                batch = self._to_memory_format(self.transfer_batch_to_device(batch, self.device, 0))
+                with self.trainer.precision_plugin.forward_context():
+                    statistics = self.method.training_pass(self, batch)
+                for name, value in statistics.items():
+                    if value.is_floating_point():
+                        raise TypeError(f"{self.method.name}.training_pass returned a floating-point {name!r}; "
+                                        "pass statistics are integers, so that every process count sums them exactly")
+                    totals[name] = totals[name] + value if name in totals else value.clone()
+        finally:
+            self.train(was_training)
+        # Summed over the processes (integers: exact, whatever the order).
+        return {name: self.trainer.strategy.reduce(value, reduce_op="sum").cpu() for name, value in totals.items()}
+
+    def on_train_epoch_start(self) -> None:
+        self.method.on_train_epoch_start(self)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.method.on_before_optimizer_step(self, optimizer)
+
     def training_step(self, batch, batch_index):
         self.unreadable += batch.pop("unreadable", None) or []
         batch = self._to_memory_format(batch)
         loss, terms = self.method.training_loss(self, batch)
         if not torch.isfinite(loss):
-            detail = ", ".join(f"{name} {float(value):.4g}" for name, value in terms.items())
-            raise NonFiniteLoss(f"non-finite training loss {float(loss)} at step {self.step}, epoch "
+            detail = ", ".join(f"{name} {float(value.detach()):.4g}" for name, value in terms.items())
+            raise NonFiniteLoss(f"non-finite training loss {float(loss.detach())} at step {self.step}, epoch "
                                 f"{self.current_epoch}, batch {batch_index} (rank {self.global_rank}); terms: {detail}")
         batch_size = batch["image"].shape[0]
         self.log(f"step{self.step}/train/loss", loss, prog_bar=True, batch_size=batch_size)
@@ -100,17 +139,36 @@ class IncrementalSegmentationModule(pl.LightningModule):
             self.log(f"step{self.step}/train/{name}", value, batch_size=batch_size)
         return loss
 
-    def configure_optimizers(self):
+    def build_optimizer(self, total_iterations: int, iterations_per_epoch: int):
+        """SGD over the method's parameter groups (each lr x lr_scale) and the per-iteration lr
+        schedule (poly by default; WILSON's warm-up at its steps >= 1): (optimizer, scheduler).
+        What configure_optimizers returns, and what make bench's bare loop uses."""
         groups = self.method.parameter_groups(self, self.lr)
-        optimizer = torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum, nesterov=self.nesterov,
-                                    weight_decay=self.weight_decay)
+        for group in groups:
+            group["lr"] = group.get("lr", self.lr) * self.lr_scale
+        optimizer = torch.optim.SGD(groups, lr=self.lr * self.lr_scale, momentum=self.momentum,
+                                    nesterov=self.nesterov, weight_decay=self.weight_decay)
+        method, power = self.method, self.poly_power
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda it: method.learning_rate_factor(self, it, total_iterations, iterations_per_epoch, power))
+        return optimizer, scheduler
+
+    def configure_optimizers(self):
         total = max(1, int(self.trainer.estimated_stepping_batches))
         per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
-        method, power = self.method, self.poly_power
-        # Per iteration, as MiB and WILSON: poly decay by default, WILSON's warm-up at its steps >= 1.
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda it: method.learning_rate_factor(self, it, total, per_epoch, power))
+        optimizer, scheduler = self.build_optimizer(total, per_epoch)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- what a training checkpoint holds beyond the weights -------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["method_state"] = self.method.state_dict()
+        if self.pass_totals is not None:
+            checkpoint["training_pass"] = {k: v.cpu() for k, v in self.pass_totals.items()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.method.load_state_dict(checkpoint.get("method_state") or {})
+        if "training_pass" in checkpoint:
+            self.pass_totals = dict(checkpoint["training_pass"])
 
     # --- testing ------------------------------------------------------------------------------
     def on_test_epoch_start(self) -> None:

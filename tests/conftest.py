@@ -28,6 +28,16 @@ def tiny_config(tmp_path):
     return resolve(apply_overrides(load_experiment("synthetic_15_5_disjoint"), overrides))
 
 
+def start_step(network, method, num_new_classes: int):
+    """What the step loop does at the start of a step t >= 1 (experiments.run.learn_task): the old
+    model (a frozen copy, when the method uses one), then the new classifier, initialised by the
+    method. Returns the old model (or None)."""
+    old = network.frozen_copy() if method.uses_old_model else None
+    network.add_classes(num_new_classes)
+    method.init_new_classifier(network, old)
+    return old
+
+
 def write_voc_tree(root, samples: dict[str, tuple[np.ndarray, np.ndarray]], lists: dict[str, list[str]],
                    mask_dir="SegmentationClass"):
     """A directory in the Pascal VOC layout from (image, mask) arrays."""

@@ -17,7 +17,8 @@ from datamodules.incremental import IncrementalSegmentationDataModule
 from datamodules.tasks import NUM_FOREGROUND, task_classes
 from experiments import run
 from experiments.config import experiment_names, load_experiment, resolve
-from lightning_modules.network import SegmentationNetwork
+from experiments.store import run_directory
+from lightning_modules.methods import build_method
 from tests.conftest import write_voc_tree
 from tests.fake_coco import make_coco_voc_tree
 
@@ -76,7 +77,7 @@ def data_roots(tmp_path_factory):
     return roots
 
 
-def smoke_config(name: str, data_root, tmp_path) -> dict:
+def smoke_config(name: str, data_root, tmp_path):
     """Experiment `name` shrunk to seconds: its data, task, mode, methods and their settings, on
     the generated tree, with a tiny network and one epoch of at most two batches per step."""
     config = load_experiment(name)
@@ -94,7 +95,7 @@ def smoke_config(name: str, data_root, tmp_path) -> dict:
     config["schedule"] = {"step0": {"epochs": 1, "lr": 0.01}, "incremental": {"epochs": 1, "lr": 0.001}}
     for entry in (config.get("methods") or {}).values():
         if entry and "schedule" in entry:
-            entry["schedule"] = {**entry["schedule"], "epochs": 1}
+            entry["schedule"] = {phase: {**schedule, "epochs": 1} for phase, schedule in entry["schedule"].items()}
     config["trainer"] = {**(config.get("trainer") or {}), "devices": 1, "limit_train_batches": 2,
                          "limit_test_batches": 1, "accelerator": "cpu"}
     config["logger"] = {"wandb": "disabled", "project": "ciss"}
@@ -119,21 +120,22 @@ def test_experiment_file_is_complete_and_every_step_has_data(name, data_roots, t
     a convention; its network builds; and on a tree in its dataset's layout every step of its task
     selects training and test images."""
     original = resolve(load_experiment(name))
-    assert original["description"]
-    expected = original.get("expected")
+    assert original.description
+    expected = original.expected
     if expected and expected.get("methods"):
         assert expected["source"] and expected["convention"], f"{name}: expected numbers need a source and convention"
-        assert set(expected["methods"]) <= set(original["methods"]) | {"plop", "sdr", "recall", "mbs"}
-    SegmentationNetwork([len(task_classes(original["data"]["dataset"], original["data"]["task"])[0])],
-                        **{**original["network"], "encoder_weights": None})
-    config = smoke_config(name, data_roots[original["data"]["dataset"]], tmp_path)
+        assert set(expected["methods"]) <= set(original.methods) | {"plop", "sdr", "recall", "mbs"}
+    for method in original.methods:  # every method's own network (with its own settings) builds
+        config = original.run_config(method)
+        build_method(method, **config.hparams).build_network(
+            config.network, [len(task_classes(original.data.dataset, original.data.task)[0])], pretrained=False)
+    config = smoke_config(name, data_roots[original.data.dataset], tmp_path)
     steps = run.prepare(config)
-    data = config["data"]
+    data = config.data
     for step in range(len(steps)):
         module = IncrementalSegmentationDataModule(
-            dataset=data["dataset"], data_root=data["root"], task=data["task"], mode=data["mode"], step=step,
-            crop_size=SIZE, test_images=data.get("test_images", "seen"), num_workers=0,
-            dataset_options=data["options"])
+            dataset=data.dataset, data_root=data.root, task=data.task, mode=data.mode, step=step,
+            crop_size=SIZE, test_images=data.test_images, num_workers=0, dataset_options=data.options)
         module.setup()
         assert len(module.train_set) >= 2 and len(module.test_set) >= 1, f"{name} step {step}"
 
@@ -144,11 +146,11 @@ def test_experiment_file_runs_end_to_end(name, data_roots, tmp_path):
     written: the run loop, the methods and the data of the file work together."""
     config = smoke_config(name, data_roots[load_experiment(name)["data"]["dataset"]], tmp_path)
     results = run.run_experiment(config)
-    steps = task_classes(config["data"]["dataset"], config["data"]["task"])
-    assert set(results) == set(config["methods"])
+    steps = task_classes(config.data.dataset, config.data.task)
+    assert set(results) == set(config.methods)
     for method, result in results.items():
         assert result["complete"] and len(result["steps"]) == len(steps)
-        saved = json.loads((tmp_path / "runs" / config["name"] / method / f"seed{config['seed']}" / "results.json").read_text())
+        saved = json.loads((run_directory(config.run_config(method)) / "results.json").read_text())
         assert saved["complete"]
-        assert NUM_FOREGROUND[config["data"]["dataset"]] >= len(saved["steps"][-1]["iou"]) - 1
+        assert NUM_FOREGROUND[config.data.dataset] >= len(saved["steps"][-1]["iou"]) - 1
         assert len(saved["steps"][-1]["iou"]) == sum(len(s) for s in steps), "one IoU per output channel"

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from callbacks import figures
+from experiments.reporting import figures
 from datamodules.datasets.voc import voc_palette
 
 PALETTE = np.array(voc_palette()).reshape(-1, 3)

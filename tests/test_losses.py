@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from lightning_modules.losses import cross_entropy, unbiased_cross_entropy, unbiased_knowledge_distillation
-from lightning_modules.methods.mib import init_from_background
 from lightning_modules.network import IncrementalClassifier
 
 IGNORE = 255
@@ -276,7 +275,7 @@ def _check_init(steps_before, n_new, seed):
 
     classifier.add_step(n_new)
     classifier.double()
-    init_from_background(classifier, n_new)
+    classifier.init_newest_from_background()
 
     # explicit weights / biases
     shift = math.log(n_new + 1)

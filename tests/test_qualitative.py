@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from experiments.qualitative import (channels_to_dataset_ids, choose_examples, load_examples,
+from experiments.reporting.qualitative import (channels_to_dataset_ids, choose_examples, load_examples,
                                      plot_experiment_qualitative, save_examples)
 from lightning_modules.methods.ft import METHOD as FineTuning
 from lightning_modules.methods.wilson import WILSON

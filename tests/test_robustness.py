@@ -33,8 +33,13 @@ def subprocess_env() -> dict:
     return dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=str(REPO), NO_ALBUMENTATIONS_UPDATE="1")
 
 
+def run_dir(out: Path, method: str) -> Path:
+    """The directory of the latest configuration's seed-42 run of `method` (experiments.store)."""
+    return out / "runs" / EXPERIMENT / method / "latest" / "seed42"
+
+
 def saved_results(out: Path, method: str) -> dict:
-    return json.loads((out / "runs" / EXPERIMENT / method / "seed42" / "results.json").read_text())
+    return json.loads((run_dir(out, method) / "results.json").read_text())
 
 
 def wait_for(path: Path, process: subprocess.Popen, timeout: float = 300.0) -> None:
@@ -63,7 +68,7 @@ def test_a_run_killed_mid_step_resumes_and_ends_exactly_as_an_uninterrupted_run(
 
     out = tmp_path / "killed"
     command = tiny_command(out, data, *RESUME_ARGS)
-    checkpoints = {m: out / "runs" / EXPERIMENT / m / "seed42" / "checkpoints" for m in ("mib", "wilson")}
+    checkpoints = {m: run_dir(out, m) / "checkpoints" for m in ("mib", "wilson")}
     for marker in (checkpoints["mib"] / "fit-step0.ckpt", checkpoints["wilson"] / "fit-step1.ckpt"):
         process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)
@@ -91,19 +96,50 @@ def test_a_run_killed_mid_step_resumes_and_ends_exactly_as_an_uninterrupted_run(
     assert sorted(p.name for p in checkpoints["wilson"].iterdir()) == ["step1.pt"]
 
 
-def test_resume_false_runs_again_and_another_config_is_not_resumed(tiny_config):
-    first = run.run_experiment(apply_overrides(tiny_config, ["methods=[ft]"]))["ft"]
-    again = run.run_experiment(apply_overrides(tiny_config, ["methods=[ft]"]))["ft"]
-    assert again is not first and again["steps"][1]["train_seconds"] == first["steps"][1]["train_seconds"]  # reused
-    # A training checkpoint left by another config is never resumed from (garbage here: loading it
-    # would fail).
-    stale = Path(tiny_config["output_dir"]) / EXPERIMENT / "ft" / "seed42" / "checkpoints" / "fit-step1.ckpt"
-    stale.write_bytes(b"not a checkpoint")
-    changed = run.run_experiment(apply_overrides(tiny_config, ["methods=[ft]", "schedule.incremental.lr=0.002"]))
-    assert changed["ft"]["fingerprint"] != first["fingerprint"] and changed["ft"]["complete"]
-    assert not stale.exists()
-    forced = run.run_experiment(apply_overrides(tiny_config, ["methods=[ft]", "resume=false"]))["ft"]
+def _files(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_every_configuration_keeps_its_own_run_and_nothing_complete_is_ever_lost(tiny_config, capsys):
+    """The defect a new user met: after a complete run, a changed override (even one that fails)
+    rewrote the run's results and deleted its checkpoints. Now: the same configuration is reused;
+    another configuration gets a directory of its own (the earlier one byte for byte intact,
+    `latest` pointing at the newest); a configuration that fails at load writes nothing;
+    resume=false runs again and keeps the earlier run under a dated name."""
+    from experiments.store import config_id, run_directory
+
+    first_config = apply_overrides(tiny_config, ["methods=[ft]"])
+    first = run.run_experiment(first_config)["ft"]
+    first_dir = run_directory(first_config.run_config("ft"))
+    before = _files(first_dir)
+    assert "checkpoints/step1.pt" in before and json.loads(before["results.json"])["complete"]
+
+    again = run.run_experiment(first_config)["ft"]
+    assert again["steps"][1]["train_seconds"] == first["steps"][1]["train_seconds"]  # reused, not trained
+    assert _files(first_dir) == before
+
+    assert run.main([EXPERIMENT, *TINY_OVERRIDES, f"data.root={tiny_config.data.root}", "methods=[ft]",
+                     f"output_dir={tiny_config.output_dir}", f"cache_dir={tiny_config.cache_dir}",
+                     "data.batch_size=-3"]) == 1
+    assert "data.batch_size: input should be greater than or equal to 1 (got -3)" in _one_line(capsys)
+    assert _files(first_dir) == before
+
+    changed_config = apply_overrides(first_config, ["schedule.incremental.lr=0.002"])
+    changed = run.run_experiment(changed_config)["ft"]
+    changed_dir = run_directory(changed_config.run_config("ft"))
+    assert changed["complete"] and changed_dir != first_dir and changed_dir.parent.parent == first_dir.parent.parent
+    assert changed["config_id"] == config_id(changed_config.run_config("ft")) != first["config_id"]
+    assert _files(first_dir) == before, "another configuration touched the earlier run"
+    assert (first_dir.parent.parent / "latest").resolve() == changed_dir.parent.resolve()
+    # a seed is the same configuration: it sits beside the other seeds
+    seeded = apply_overrides(first_config, ["seed=7"])
+    assert run_directory(seeded.run_config("ft")) == first_dir.parent / "seed7"
+
+    forced = run.run_experiment(apply_overrides(first_config, ["resume=false"]))["ft"]
     assert forced["complete"] and forced["steps"][1]["trained"] is True
+    kept = [p for p in first_dir.parent.iterdir() if p.name.startswith("seed42.")]
+    assert len(kept) == 1 and _files(kept[0]) == before, "resume=false keeps the earlier run"
+    assert "the earlier run of this configuration is kept in" in capsys.readouterr().out.replace("\n", "")
 
 
 def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
@@ -179,11 +215,13 @@ def test_two_processes_equal_one_process_at_the_same_effective_batch(tmp_path):
         # the test set was sharded without padding: every image counted once
         total = int(np.asarray(b["steps"][-1]["confusion"]).sum())
         assert total == int(np.asarray(a["steps"][-1]["confusion"]).sum())
-    written = sorted(str(p.relative_to(tmp_path / "two" / "runs")) for p in (tmp_path / "two" / "runs").rglob("*")
-                     if p.is_file())
+    runs = tmp_path / "two" / "runs"
+    written = sorted(str(p.relative_to(runs)) for p in runs.rglob("*") if p.is_file() and not p.is_symlink())
     expected_per_method = {"config.yaml", "metrics.csv", "per_class_iou.csv", "per_class_iou.png", "qualitative.npz",
                            "qualitative.png", "results.json", "checkpoints/step1.pt"}
-    expected = {f"{EXPERIMENT}/{m}/seed42/{f}" for m in ("mib", "wilson") for f in expected_per_method}
+    ids = {m: b["config_id"] for m in ("mib", "wilson") for b in [saved_results(tmp_path / "two", m)]}
+    expected = {f"{EXPERIMENT}/{m}/{ids[m]}/seed42/{f}" for m in ids for f in expected_per_method}
+    expected |= {f"{EXPERIMENT}/{m}/{ids[m]}/config.yaml" for m in ids}
     expected |= {f"{EXPERIMENT}/{f}" for f in ("comparison.md", "steps_no_bg.png", "steps_with_bg.png",
                                                "qualitative.png")}
     assert set(written) == expected
@@ -251,7 +289,7 @@ def test_a_misspelt_key_in_an_experiment_file_is_refused(tmp_path, capsys):
     text = (REPO / "experiments" / f"{EXPERIMENT}.yaml").read_text()
     path.write_text(text.replace("trainer: {", "trainer: {devics: 2, "))
     assert run.main([str(path)]) == 1
-    assert "mine.yaml: unknown config key trainer.'devics'" in _one_line(capsys)
+    assert "mine.yaml: unknown config key 'trainer.devics'; known keys there: accelerator" in _one_line(capsys)
 
 
 # --- trouble during training -------------------------------------------------------------------
@@ -304,37 +342,59 @@ def test_a_non_finite_loss_stops_the_run_saying_where(tiny_config, monkeypatch, 
     monkeypatch.setattr(Method, "step0_training_loss", poisoned)
     with pytest.raises(NonFiniteLoss, match=r"non-finite training loss nan at step 0, epoch 0, batch 2 \(rank 0\)"):
         run.run_experiment(apply_overrides(tiny_config, ["methods=[ft]"]))
-    assert _no_complete_results(Path(tiny_config["output_dir"]).parent)
+    assert _no_complete_results(Path(tiny_config.output_dir).parent)
     monkeypatch.setattr(Method, "step0_training_loss", poisoned)
-    argv = [EXPERIMENT, *TINY_OVERRIDES, f"data.root={tiny_config['data']['root']}", "methods=[ft]",
-            f"output_dir={tiny_config['output_dir']}", f"cache_dir={tiny_config['cache_dir']}x"]
+    argv = [EXPERIMENT, *TINY_OVERRIDES, f"data.root={tiny_config.data.root}", "methods=[ft]",
+            f"output_dir={tiny_config.output_dir}", f"cache_dir={tiny_config.cache_dir}x"]
     assert run.main(argv) == 1
     assert "error: non-finite training loss nan at step 0, epoch 0, batch 2" in _one_line(capsys)
 
 
-def test_effective_batch_and_linear_lr_scaling(tiny_config):
-    from experiments.config import load_experiment
+def test_effective_batch_and_linear_lr_scaling(tiny_config, monkeypatch):
+    from experiments.config import load_experiment, resolve
+    from experiments.training import effective_batch, lr_scale
+    from lightning_modules.module import IncrementalSegmentationModule
 
     # The reference batch is the experiment file's (16), fixed before any override of the batch.
-    config = apply_overrides(load_experiment(EXPERIMENT), ["trainer.devices=2", "trainer.num_nodes=2",
-                                                           "data.batch_size=6", "trainer.accumulate_grad_batches=2"])
-    assert config["optimizer"]["reference_batch"] == 16
-    assert run.effective_batch(config) == 2 * 2 * 6 * 2 == 48
-    assert run.lr_scale(config) == 48 / 16
-    assert run.lr_scale(apply_overrides(config, ["optimizer.scale_lr=false"])) == 1.0
-    assert run.lr_scale(apply_overrides(config, ["optimizer.reference_batch=24"])) == 2.0
-    # the lr the optimizer receives is the schedule's times the scale
-    scaled = apply_overrides(tiny_config, ["methods=[ft]", "optimizer.reference_batch=2"])  # batch 4: x2
+    experiment = resolve(apply_overrides(load_experiment(EXPERIMENT), [
+        "trainer.devices=2", "trainer.num_nodes=2", "data.batch_size=6", "trainer.accumulate_grad_batches=2"]))
+    config = experiment.run_config("mib")
+    assert config.optimizer.reference_batch == 16
+    assert effective_batch(config) == 2 * 2 * 6 * 2 == 48
+    assert lr_scale(config) == 48 / 16
+    assert lr_scale(apply_overrides(experiment, ["optimizer.scale_lr=false"]).run_config("mib")) == 1.0
+    assert lr_scale(apply_overrides(experiment, ["optimizer.reference_batch=24"]).run_config("mib")) == 2.0
+    # every group's lr the optimizer receives is the schedule's (or the method's absolute one) times
+    # the scale: WILSON's localizer lr included (its code sets it absolutely, for batch 24)
+    scaled = apply_overrides(tiny_config, ["methods=[ft,wilson]", "optimizer.reference_batch=2"])  # batch 4: x2
     seen = {}
-    original = run.IncrementalSegmentationModule.__init__
+    original = IncrementalSegmentationModule.build_optimizer
 
-    def recording(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        seen[self.step] = self.lr
+    def recording(self, total, per_epoch):
+        optimizer, scheduler = original(self, total, per_epoch)
+        seen[(self.method.name, self.step)] = {g.get("name", "all"): g["initial_lr"] for g in optimizer.param_groups}
+        return optimizer, scheduler
 
-    try:
-        run.IncrementalSegmentationModule.__init__ = recording
-        run.run_experiment(scaled)
-    finally:
-        run.IncrementalSegmentationModule.__init__ = original
-    assert seen == {0: pytest.approx(0.01 * 2), 1: pytest.approx(0.001 * 2)}
+    monkeypatch.setattr(IncrementalSegmentationModule, "build_optimizer", recording)
+    run.run_experiment(scaled)
+    assert seen[("ft", 0)] == {"all": pytest.approx(0.01 * 2)} and seen[("ft", 1)] == {"all": pytest.approx(0.001 * 2)}
+    wilson = scaled.run_config("wilson").hparams
+    assert seen[("wilson", 1)] == {"encoder": pytest.approx(0.001 * 2), "decoder": pytest.approx(0.001 * 10 * 2),
+                                   "classifier": pytest.approx(0.001 * 10 * 2),
+                                   "localizer": pytest.approx(wilson["localizer_lr"] * 2)}
+
+
+def test_a_methods_own_batch_is_the_reference_of_its_lr(tmp_path):
+    """SDR/MBS/RECALL train with their own batch (8, 16, 4 in their code) and their lrs are for it:
+    a method entry's data.batch_size is also its optimizer.reference_batch, fixed before overrides."""
+    from experiments.config import load_experiment, resolve
+    from experiments.training import lr_scale
+
+    path = tmp_path / "own_batch.yaml"
+    path.write_text(f"base: {EXPERIMENT}\nmethods:\n  ft: {{}}\n  mib: {{kd_weight: 10, data: {{batch_size: 8}}}}\n")
+    experiment = resolve(load_experiment(str(path)))
+    mib, ft = experiment.run_config("mib"), experiment.run_config("ft")
+    assert (mib.data.batch_size, mib.optimizer.reference_batch, lr_scale(mib)) == (8, 8, 1.0)
+    assert (ft.data.batch_size, ft.optimizer.reference_batch, lr_scale(ft)) == (16, 16, 1.0)
+    doubled = apply_overrides(experiment, ["methods.mib.data.batch_size=16"]).run_config("mib")
+    assert lr_scale(doubled) == 2.0

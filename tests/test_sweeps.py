@@ -84,15 +84,16 @@ def test_a_sweep_command_makes_a_run_with_every_swept_value(name):
     for params in sweep.parameter_sets(config, count=3, seed=1):
         argv = sweep.expand_command(command, params)
         assert argv[:3] == [sys.executable, "-m", "experiments.run"]
-        resolved = sweep.run_config(argv)
+        experiment = sweep.run_config(argv)
+        resolved = experiment.to_dict()
         assert len(resolved["methods"]) == 1  # one method per sweep run
         for key, value in params.items():
             if key == "methods":
                 assert list(resolved["methods"]) == [value]
             else:
                 assert _get(resolved, key) == value, key
-        for method, entry in resolved["methods"].items():
-            build_method(method, **{k: v for k, v in (entry or {}).items() if k != "schedule"})
+        for method in experiment.methods:
+            build_method(method, **experiment.run_config(method).hparams)
 
 
 @pytest.mark.xfail(not VALIDATION_FRACTION, reason="lead adds data.validation_fraction", strict=True)
@@ -100,7 +101,7 @@ def test_a_sweep_command_makes_a_run_with_every_swept_value(name):
 def test_the_run_gets_the_held_out_fraction(name):
     config = sweep.load_sweep(name)
     params = sweep.parameter_sets(config, count=1)[0]
-    assert sweep.run_config(sweep.expand_command(config["command"], params))["data"]["validation_fraction"] == 0.1
+    assert sweep.run_config(sweep.expand_command(config["command"], params)).data.validation_fraction == 0.1
 
 
 def test_expand_command_follows_the_wandb_agent():
@@ -264,9 +265,9 @@ def test_a_local_sweep_runs_each_set_and_tables_the_metric(tmp_path, monkeypatch
     runs = sorted(p for p in sweep_dir.iterdir() if p.is_dir())
     assert [r.name for r in runs] == ["run-01", "run-02"]
     for run_dir, kd_weight in zip(runs, (2, 7)):
-        (saved,) = run_dir.rglob("config.yaml")
+        (saved,) = run_dir.rglob("seed42/config.yaml")
         saved_config = yaml.safe_load(saved.read_text())
-        assert list(saved_config["methods"]) == ["mib"] and saved_config["methods"]["mib"]["kd_weight"] == kd_weight
+        assert saved_config["method"] == "mib" and saved_config["hparams"]["kd_weight"] == kd_weight
         assert saved_config["data"]["crop_size"] == 32  # the overrides after -- reached the run
         (results,) = run_dir.rglob("results.json")
         assert json.loads(results.read_text())["complete"] is True

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from experiments import tracking
+from experiments.reporting import tracking
 from experiments.config import apply_overrides, load_experiment, resolve
 
 
@@ -14,17 +14,16 @@ def config():
 
 
 def test_run_tags_name_experiment_method_setting_supervision_and_seed(config):
-    assert tracking.run_tags(config, "wilson", "image") == [
+    assert tracking.run_tags(config.name, config.data, config.seed, "wilson", "image") == [
         "synthetic_15_5_overlap", "wilson", "synthetic", "15-5", "overlap", "image-labels", "seed7"]
-    assert tracking.run_tags(config, "summary") == ["synthetic_15_5_overlap", "summary", "synthetic", "15-5",
-                                                     "overlap", "seed7"]
-    long = dict(config, name="x" * 80)
-    assert all(len(tag) <= 64 for tag in tracking.run_tags(long, "mib", "pixel"))
+    assert tracking.run_tags(config.name, config.data, config.seed, "summary") == [
+        "synthetic_15_5_overlap", "summary", "synthetic", "15-5", "overlap", "seed7"]
+    assert all(len(tag) <= 64 for tag in tracking.run_tags("x" * 80, config.data, 1, "mib", "pixel"))
 
 
 def test_build_logger_groups_by_experiment_and_records_what_panels_group_by(config, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
-    logger = tracking.build_logger(config, "mib", "pixel", tmp_path / "run")
+    logger = tracking.build_logger(config.run_config("mib"), "pixel", tmp_path / "run")
     init = logger._wandb_init  # what WandbLogger will pass to wandb.init (not started here)
     assert (init["group"], init["job_type"], init["name"], init["mode"]) == (
         "synthetic_15_5_overlap", "mib", "synthetic_15_5_overlap-mib-seed7", "offline")
@@ -32,12 +31,15 @@ def test_build_logger_groups_by_experiment_and_records_what_panels_group_by(conf
     run_config = init["config"]
     assert (run_config["method"], run_config["setting"], run_config["supervision"], run_config["seed"]) == (
         "mib", "15-5", "pixel", 7)
-    assert run_config["world_size"] == 2 and run_config["effective_batch"] == 2 * config["data"]["batch_size"]
+    assert run_config["world_size"] == 2 and run_config["effective_batch"] == 2 * config.data.batch_size
+    # no system-metrics sampling or console capture competing with training on a small machine
+    settings = init["settings"]
+    assert settings.x_disable_stats is True and settings.console == "off"
 
 
 def test_build_logger_disabled(config, tmp_path, monkeypatch):
     config = apply_overrides(config, ["logger.wandb=disabled"])
-    assert tracking.build_logger(config, "mib", "pixel", tmp_path / "run") is False
+    assert tracking.build_logger(config.run_config("mib"), "pixel", tmp_path / "run") is False
 
 
 class Recorder:

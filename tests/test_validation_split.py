@@ -16,9 +16,9 @@ def test_validation_rows_are_a_fixed_fraction_of_the_train_split():
 
 
 def test_held_out_images_never_train_and_are_scored_on_every_seen_class(tiny_config):
-    data = tiny_config["data"]
-    common = dict(dataset="synthetic", data_root=data["root"], task="15-5", mode="disjoint", crop_size=32,
-                  num_workers=0, dataset_options=data["options"])
+    data = tiny_config.data
+    common = dict(dataset="synthetic", data_root=data.root, task="15-5", mode="disjoint", crop_size=32,
+                  num_workers=0, dataset_options=data.options)
     plain = IncrementalSegmentationDataModule(step=1, **common)
     plain.setup()
     held = IncrementalSegmentationDataModule(step=1, validation_fraction=0.25, **common)
@@ -47,10 +47,10 @@ def test_a_run_reports_final_validation_metrics_beside_the_test_ones(tiny_config
 
 def test_the_test_crop_may_differ_from_the_training_crop(tiny_config):
     """WILSON's COCO script: 448 training crops, 512 test crops (data.eval_crop_size)."""
-    data = tiny_config["data"]
-    module = IncrementalSegmentationDataModule(dataset="synthetic", data_root=data["root"], task="15-5", step=0,
+    data = tiny_config.data
+    module = IncrementalSegmentationDataModule(dataset="synthetic", data_root=data.root, task="15-5", step=0,
                                                crop_size=24, eval_crop_size=32, num_workers=0,
-                                               dataset_options=data["options"])
+                                               dataset_options=data.options)
     module.setup()
     assert module.train_set[0]["image"].shape[-2:] == (24, 24)
     assert module.test_set[0]["image"].shape[-2:] == (32, 32)

@@ -100,10 +100,9 @@ def save_mask(path: Path, mask: np.ndarray) -> None:
 # --- VOC + SBD: the train_aug set and its masks ------------------------------------------------
 # Sizes of the real splits (PROTOCOL.md §1); check_voc compares against them by default.
 VOC_EXPECTED_COUNTS = {"train_aug": 10582, "val": 1449}
-VOC_HOW_TO_GET = ("Put VOCtrainval_11-May-2012 there and build SegmentationClassAug/ + train_aug.txt from SBD "
-                  "with datamodules.datasets.voc.prepare_voc_aug(voc_root, sbd_root), or point DATA_ROOT "
-                  "(data.root=...) at the directory holding VOCdevkit/VOC2012; the default experiment needs "
-                  "no download: make run EXP=synthetic_15_5_disjoint")
+VOC_HOW_TO_GET = ("Run `make data DATASET=voc` (downloads VOC 2012 + SBD, builds SegmentationClassAug/ and "
+                  "train_aug.txt), or point DATA_ROOT (data.root=...) at the directory holding a prepared "
+                  "VOCdevkit/VOC2012; the default experiment needs no download: make run")
 # How many ids an error message lists before "...".
 _SHOWN_IDS = 5
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from datamodules.transforms import unnormalize
-from lightning_modules.losses import (balanced_self_training_loss, masked_localizer_probabilities,
+from lightning_modules.losses import (balanced_self_training_loss, feature_distillation, masked_localizer_probabilities,
                                       ngwp_focal_scores, pamr, pseudo_label_masks, soft_segmentation_bce,
                                       wilson_targets)
 from lightning_modules.methods.base import Method
@@ -46,6 +46,7 @@ class WILSON(Method):
     step0_loss = "bce"
     supervision = "image"
     uses_old_model = True
+    full_loss_hparams = {"pseudo_label_epoch": 0}
 
     alpha: float = 0.5                  # pseudo-label smoothing: alpha * argmax + (1 - alpha) * soft (COCO scripts: 0.9)
     pseudo_label_epoch: int = 5         # `pseudo_ep`: L_SEG and L_SSS from this epoch on
@@ -67,18 +68,18 @@ class WILSON(Method):
 
     # --- the step's modules and optimisation ------------------------------------------------
     def step_modules(self, network, n_old: int) -> dict[str, nn.Module]:
-        return {"localizer": build_localizer(network.encoder.out_channels[-1], network.classifier.num_classes,
-                                             self.localizer_channels)}
+        return {"localizer": build_localizer(network.feature_channels, network.num_classes, self.localizer_channels)}
 
     def parameter_groups(self, module, lr: float) -> list[dict]:
         """Step 0: one lr for everything (WILSON's step 0). Steps >= 1: backbone at lr, decoder
-        and classifier at head_lr_factor x lr, localizer at localizer_lr (absolute)."""
+        and classifier at head_lr_factor x lr, localizer at localizer_lr (absolute in WILSON's code,
+        for its batch of 24; scaled with the effective batch like every other lr, by the module)."""
         if module.step == 0:
             return super().parameter_groups(module, lr)
-        network = module.network
-        return [{"params": list(network.encoder.parameters()), "lr": lr, "name": "encoder"},
-                {"params": list(network.decoder.parameters()), "lr": lr * self.head_lr_factor, "name": "decoder"},
-                {"params": list(network.classifier.parameters()), "lr": lr * self.head_lr_factor, "name": "classifier"},
+        groups = module.network.parameter_groups()
+        return [{"params": groups["encoder"], "lr": lr, "name": "encoder"},
+                {"params": groups["decoder"], "lr": lr * self.head_lr_factor, "name": "decoder"},
+                {"params": groups["classifier"], "lr": lr * self.head_lr_factor, "name": "classifier"},
                 {"params": list(module.step_modules["localizer"].parameters()), "lr": self.localizer_lr,
                  "name": "localizer"}]
 
@@ -110,7 +111,7 @@ class WILSON(Method):
         loss_cls = F.binary_cross_entropy_with_logits(ngwp_focal_scores(localizer_logits)[:, n_old:], new_labels)
         loss_loc = F.binary_cross_entropy_with_logits(localizer_logits[:, :n_old].float(),
                                                       torch.sigmoid(old_logits.float()))
-        loss_enc = F.mse_loss(features.float(), old["encoder"].float())
+        loss_enc = feature_distillation(features, old["encoder"])  # mean of squares over every element
         terms = {"cls": loss_cls, "loc": loss_loc, "enc": loss_enc}
         loss = self.cls_weight * loss_cls + self.loc_weight * loss_loc + self.enc_weight * loss_enc
 
@@ -138,7 +139,7 @@ class WILSON(Method):
 
 
     @torch.no_grad()
-    def pseudo_labels(self, module, images, new_labels):
+    def pseudo_labels(self, module, images, new_labels, labels=None):
         """argmax of the soft targets of L_SEG (sigmoid(old) for old classes, the masked
         localizer for bg/new), upsampled bilinearly to the image: what the network learns from."""
         if module.step == 0 or module.old_network is None:

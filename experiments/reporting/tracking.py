@@ -31,41 +31,42 @@ def wandb_mode(setting: str) -> str:
     return "online" if logged_in else "offline"
 
 
-def world_size(config: dict) -> int:
-    trainer = config.get("trainer") or {}
-    devices = trainer.get("devices", 1)
-    count = devices if isinstance(devices, int) else len(devices) if isinstance(devices, (list, tuple)) else 1
-    return max(1, count) * int(trainer.get("num_nodes", 1))
-
-
-def run_tags(config: dict, job: str, supervision: str | None = None) -> list[str]:
+def run_tags(name: str, data, seed: int, job: str, supervision: str | None = None) -> list[str]:
     """What a dashboard filters on (job: the method, or "summary"); wandb tags are at most 64
-    characters."""
-    data = config["data"]
-    tags = [config["name"], job, data["dataset"], str(data["task"]), data["mode"],
-            *([f"{supervision}-labels"] if supervision else []), f"seed{config['seed']}"]
+    characters. `data`: the data section of the experiment."""
+    tags = [name, job, data.dataset, str(data.task), data.mode,
+            *([f"{supervision}-labels"] if supervision else []), f"seed{seed}"]
     return [tag[:64] for tag in dict.fromkeys(tags)]
 
 
-def build_logger(config: dict, method_name: str, supervision: str, run_dir: Path, effective_batch: int | None = None,
-                 wandb_id: str | None = None):
-    """The Lightning WandbLogger of one method and seed (False when wandb is disabled); a resumed
-    run passes its wandb_id and continues the same wandb run."""
-    logger_cfg = config.get("logger") or {}
-    mode = wandb_mode(logger_cfg.get("wandb", "auto"))
+def build_logger(config, supervision: str, run_dir: Path, wandb_id: str | None = None):
+    """The Lightning WandbLogger of one method's run (a RunConfig; False when wandb is disabled); a
+    resumed run passes its wandb_id and continues the same wandb run."""
+    mode = wandb_mode(config.logger.wandb)
     if mode == "disabled":
         return False
     from pytorch_lightning.loggers import WandbLogger
 
-    data = config["data"]
-    run_config = dict(config, method=method_name, seed=config["seed"], setting=str(data["task"]),
-                      supervision=supervision, world_size=world_size(config),
-                      effective_batch=effective_batch or world_size(config) * data["batch_size"])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return WandbLogger(project=logger_cfg.get("project", "ciss"), group=config["name"], job_type=method_name,
-                       name=f"{config['name']}-{method_name}-seed{config['seed']}", save_dir=str(run_dir), mode=mode,
-                       config=run_config, tags=run_tags(config, method_name, supervision), log_model=False,
-                       id=wandb_id, resume="allow" if wandb_id else None)
+    from experiments.distributed import world_size
+    from experiments.training import effective_batch
+
+    run_config = dict(config.to_dict(), setting=str(config.data.task), supervision=supervision,
+                      world_size=world_size(config.trainer), effective_batch=effective_batch(config))
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    return WandbLogger(project=config.logger.project, group=config.experiment, job_type=config.method,
+                       name=f"{config.experiment}-{config.method}-seed{config.seed}", save_dir=str(run_dir), mode=mode,
+                       config=run_config, tags=run_tags(config.experiment, config.data, config.seed, config.method,
+                                                        supervision),
+                       log_model=False, id=wandb_id, resume="allow" if wandb_id else None,
+                       # No system-metrics sampling or console capture: on a 2-core machine the
+                       # service's sampling competes with training, and the console is in the log.
+                       settings=_quiet_settings())
+
+
+def _quiet_settings():
+    import wandb
+
+    return wandb.Settings(x_disable_stats=True, console="off", x_disable_meta=True)
 
 
 def define_task_step_metrics(run) -> None:
@@ -99,7 +100,7 @@ def log_summary_run(experiment: str, job_type: str, tags: list[str], table_rows:
     run = wandb.init(project=project, job_type=job_type, group=experiment, name=f"{experiment}-{job_type}",
                      tags=[tag[:64] for tag in dict.fromkeys(tags)], mode=mode,
                      dir=None if save_dir is None else str(save_dir), config=config or {"experiment": experiment},
-                     reinit="finish_previous")
+                     reinit="finish_previous", settings=_quiet_settings())
     try:
         logged = {}
         if table_rows:

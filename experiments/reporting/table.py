@@ -14,8 +14,8 @@ def _pct(value) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
 
 
-def comparison_rows(config: dict, results: dict[str, dict]) -> list[dict]:
-    expected = (config.get("expected") or {}).get("methods") or {}
+def comparison_rows(experiment, results: dict[str, dict]) -> list[dict]:
+    expected = experiment.expected.get("methods") or {}
     rows = []
     for name, result in results.items():
         first, final = result["steps"][0]["summary"], result["final"]
@@ -40,7 +40,7 @@ def _paper_cell(paper: dict | None) -> str:
     return text + " (All+bg)" if paper.get("all_includes_background") else text
 
 
-def _columns(config: dict, steps) -> list[tuple[str, str]]:
+def _columns(steps) -> list[tuple[str, str]]:
     old, new = class_span(steps[0]), class_span([c for s in steps[1:] for c in s])
     return [("method", "Method"), ("step0_old", f"step 0: {old}"), ("old", f"old {old}"),
             ("new", f"new {new}"), ("all", "all"), ("all_with_bg", "all+bg"),
@@ -52,10 +52,9 @@ def _cells(row: dict) -> list[str]:
             "-" if math.isnan(row["old_kept"]) else f"{100 * row['old_kept']:.0f}%", row["paper"]]
 
 
-def _caption(config: dict) -> str:
-    data = config["data"]
-    expected = config.get("expected") or {}
-    text = (f"{config['name']}: {data['dataset']} {data['task']} {data['mode']}, mIoU % after the last step. "
+def _caption(experiment) -> str:
+    data, expected = experiment.data, experiment.expected
+    text = (f"{experiment.name}: {data.dataset} {data.task} {data.mode}, mIoU % after the last step. "
             "old/new/all exclude background (MiB convention); 'all+bg' includes it (WILSON's All). "
             "'step 0' = the shared step-0 model on the old classes; 'kept' = final old / step-0 old.")
     if expected.get("source"):
@@ -63,9 +62,9 @@ def _caption(config: dict) -> str:
     return text
 
 
-def write_comparison(out_dir: Path, config: dict, rows: list[dict]) -> Path:
-    columns = _columns(config, _steps(config))
-    lines = [f"# {config['name']}", "", _caption(config), "",
+def write_comparison(out_dir: Path, experiment, rows: list[dict]) -> Path:
+    columns = _columns(_steps(experiment))
+    lines = [f"# {experiment.name}", "", _caption(experiment), "",
              "| " + " | ".join(title for _, title in columns) + " |",
              "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
@@ -75,17 +74,17 @@ def write_comparison(out_dir: Path, config: dict, rows: list[dict]) -> Path:
     return path
 
 
-def print_comparison(console, config: dict, rows: list[dict]) -> None:
-    table = Table(title=f"{config['name']} — mIoU (%) after the last step", caption=_caption(config),
+def print_comparison(console, experiment, rows: list[dict]) -> None:
+    table = Table(title=f"{experiment.name} — mIoU (%) after the last step", caption=_caption(experiment),
                   caption_justify="left")
-    for key, title in _columns(config, _steps(config)):
+    for key, title in _columns(_steps(experiment)):
         table.add_column(title, justify="left" if key in ("method", "paper") else "right")
     for row in rows:
         table.add_row(*_cells(row))
     console.print(table)
 
 
-def _steps(config: dict):
+def _steps(experiment):
     from datamodules.tasks import task_classes
 
-    return task_classes(config["data"]["dataset"], config["data"]["task"])
+    return task_classes(experiment.data.dataset, experiment.data.task)

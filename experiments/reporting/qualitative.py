@@ -15,7 +15,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from callbacks.figures import plot_qualitative
+from experiments.reporting.figures import plot_qualitative
 from datamodules.datasets.voc import voc_palette
 from datamodules.labels import new_class_labels
 from datamodules.tasks import channel_order
@@ -80,7 +80,9 @@ def predict_examples(module, dataset, positions, presence: np.ndarray) -> dict:
     """Run `module` (network, method, old network) on the test images at `positions` of `dataset`
     (a PixelLabelled test set): the images (uint8 HxWx3), ground truths, predictions and, when
     the method makes its own labels, its pseudo-labels, all in dataset ids. `presence` is the
-    test split's presence table, for the image-level labels the pseudo-labels are made with."""
+    test split's presence table, for the image-level labels the pseudo-labels are made with; the
+    test images' pixel labels reach `pseudo_labels` too (a method like MBS keeps the ground truth of
+    the new classes in its pseudo-labels)."""
     steps, step = module.steps, module.step
     was_training = module.training
     module.eval()
@@ -91,7 +93,8 @@ def predict_examples(module, dataset, positions, presence: np.ndarray) -> dict:
             image = item["image"][None].to(module.device)
             prediction = module.network(image)["logits"].argmax(dim=1)[0]
             labels = torch.from_numpy(new_class_labels(presence[item["index"]], steps, step))[None].to(module.device)
-            pseudo = module.method.pseudo_labels(module, image, labels) if step > 0 else None
+            pixel_labels = item["label"][None].to(module.device)
+            pseudo = module.method.pseudo_labels(module, image, labels, pixel_labels) if step > 0 else None
             out["rows"].append(int(item["index"]))
             pixels = unnormalize(image.float())[0].clamp(0, 1).permute(1, 2, 0).cpu().numpy()
             out["images"].append(np.round(pixels * 255).astype(np.uint8))
