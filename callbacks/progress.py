@@ -5,7 +5,7 @@
           a profile of `make run` (29 of 772 s).
 "epochs": one line per epoch (loss, images/s), for log files and slow terminals.
 "auto":   the bar on a terminal, epoch lines otherwise.
-"off":    nothing.
+"none":   nothing (not "off", which YAML reads as false).
 """
 from __future__ import annotations
 

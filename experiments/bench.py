@@ -48,7 +48,7 @@ def _config(args, method: str):
 
     overrides = [*PRESETS[args.preset], f"trainer.precision={args.precision}",
                  f"trainer.channels_last={str(args.channels_last).lower()}", "logger.wandb=disabled",
-                 f"methods=[{method}]", "output_dir=runs/bench", "cache_dir=runs/bench/cache", "trainer.progress=off",
+                 f"methods=[{method}]", "output_dir=runs/bench", "cache_dir=runs/bench/cache", "trainer.progress=none",
                  f"trainer.limit_train_batches={args.warmup + args.iterations}", *args.overrides]
     overrides += [f"methods.{method}.{key}={value}" for key, value in METHODS[method].full_loss_hparams.items()]
     return resolve(apply_overrides(load_experiment(args.experiment), overrides)).run_config(method)
@@ -110,7 +110,7 @@ def _device(config):
 def _measure_suite(config, method_name, timer_args):
     import pytorch_lightning as pl
 
-    from experiments.run import build_trainer
+    from experiments.training import build_trainer
 
     built = _step_one(config)
     timer = _Timer(*timer_args, _device(config))

@@ -1,10 +1,14 @@
 """The paper-style comparison of an experiment over seeds:
 `python -m experiments.compare [EXP ...] [--runs runs] [--out DIR] [--no-wandb]` (what `make compare` calls).
 
-Reads every complete `results.json` under `runs/<experiment>/` (runs/<experiment>/<method>/seed<k>/
-or the older runs/<experiment>/<method>/), one row per method: old / new / all without background
-(MiB), all with background (WILSON's All), hIoU, after every step and after the last one, as mean ±
-sample std over seeds, beside the experiment file's expected numbers and the difference to them.
+Reads every complete `results.json` under `runs/<experiment>/` (runs/<experiment>/<method>/<config
+id>/seed<k>/, or the older layouts runs/<experiment>/<method>/seed<k>/ and runs/<experiment>/<method>/),
+one row per method and configuration: old / new / all without background (MiB), all with background
+(WILSON's All), hIoU, after every step and after the last one, as mean ± sample std over the seeds of
+that configuration, beside the experiment file's expected numbers and the difference to them. When a
+method was run with several configurations, each is its own row, named `method [config id]` and
+described by the settings in which it differs from the method's other configurations. Runs kept by
+`resume=false` (seed<k>.<date-time>/) are not read.
 Writes `compare.md` and `compare.csv` to runs/<experiment>/ (or --out), prints the table and logs it
 to wandb as a table (one run of job_type "compare", grouped by experiment).
 """
@@ -14,6 +18,7 @@ import argparse
 import csv
 import json
 import math
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -32,20 +37,59 @@ PAPER_KEYS = ("old", "new", "all")
 
 
 # --- reading ----------------------------------------------------------------------------------
+def _is_run_directory(path: Path, run_dir: Path) -> bool:
+    """results.json of a run (…/seed<k>/) or of the oldest layout (runs/<experiment>/<method>/), not of
+    a run kept aside by resume=false (seed<k>.<date-time>/)."""
+    parent = path.parent
+    return bool(re.fullmatch(r"seed\d+", parent.name)) or parent.parent == run_dir
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in (config or {}).items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+# What may differ between the results of one configuration (the seed), or says nothing about it.
+_NOT_A_SETTING = ("seed", "output_dir", "cache_dir", "resume", "logger.", "figures.", "data.root", "data.num_workers",
+                  "data.cache_decoded", "trainer.progress", "trainer.log_every_n_steps", "expected.", "description",
+                  "name", "based_on", "experiment", "methods.")
+
+
+def describe_differences(configs: dict[str, dict]) -> dict[str, str]:
+    """For configurations of one method ({config id: config}), the settings in which each differs
+    from the others, as "key=value, ..." (empty when there is only one)."""
+    if len(configs) < 2:
+        return {cid: "" for cid in configs}
+    flats = {cid: {k: v for k, v in _flat(c).items() if not k.startswith(_NOT_A_SETTING)} for cid, c in configs.items()}
+    keys = sorted({k for f in flats.values() for k in f})
+    differing = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flats.values()}) > 1]
+    return {cid: ", ".join(f"{k}={f.get(k)}" for k in differing) for cid, f in flats.items()}
+
+
 def collect_results(run_dir) -> dict:
-    """Every complete results.json under `run_dir` (= runs/<experiment>), grouped by method.
+    """Every complete results.json under `run_dir` (= runs/<experiment>), grouped by method and
+    configuration.
 
     Returns {"experiment", "config" (of the newest complete file), "expected" (its
-    config["expected"], {} when none), "methods": {method: [results, ...] sorted by seed},
-    "paths": {method: [path, ...]} (same order), "warnings": [one line each]}. Incomplete files
-    are left out with a warning; of two files with the same method and seed the newest (mtime) is
-    kept, with a warning. Each kept result gets "supervision" ("pixel"/"image", from the file or
-    the method registry; None for an unknown method)."""
+    config["expected"], {} when none), "methods": {row label: [results, ...] sorted by seed},
+    "paths": {row label: [path, ...]} (same order), "rows": {row label: {"method", "config_id",
+    "differs"}}, "warnings": [one line each]}. The row label is the method's name, or
+    "<method> [<config id>]" when the method has results of several configurations. Incomplete
+    files are left out with a warning; of two files with the same method, configuration and seed
+    the newest (mtime) is kept, with a warning. Each kept result gets "supervision"
+    ("pixel"/"image", from the file or the method registry; None for an unknown method)."""
     run_dir = Path(run_dir)
     experiment = run_dir.name
     warnings: list[str] = []
-    kept: dict[tuple[str, object], tuple[float, Path, dict]] = {}
+    kept: dict[tuple[str, str, object], tuple[float, Path, dict]] = {}
     for path in sorted(run_dir.rglob("results.json")):
+        if not _is_run_directory(path, run_dir):
+            continue
         try:
             result = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as error:
@@ -58,34 +102,49 @@ def collect_results(run_dir) -> dict:
             warnings.append(f"results of experiment {result['experiment']!r}, not {experiment!r}, skipped: {path}")
             continue
         method = result.get("method") or path.parent.name
+        config_id = result.get("config_id") or "earlier"  # files of the layout before config ids
         seed = (result.get("config") or {}).get("seed")
         mtime = path.stat().st_mtime
-        previous = kept.get((method, seed))
+        previous = kept.get((method, config_id, seed))
         if previous is not None:
             this_is_newer = mtime > previous[0]
             newer, older = (path, previous[1]) if this_is_newer else (previous[1], path)
             warnings.append(f"{method} seed {seed}: two results files; kept the newest {newer}, ignored {older}")
             if not this_is_newer:
                 continue
-        kept[(method, seed)] = (mtime, path, result)
+        kept[(method, config_id, seed)] = (mtime, path, result)
 
     newest = max(kept.values(), key=lambda entry: entry[0])[2] if kept else None
     config = (newest or {}).get("config") or {}
-    expected = config.get("expected") or {}
-    if any(((r.get("config") or {}).get("expected") or {}) != expected for _, _, r in kept.values()):
+    expected = _expected_of(newest or {})
+    if any(_expected_of(r) != expected for _, _, r in kept.values()):
         warnings.append("the results files disagree on the expected numbers; using those of the newest file")
 
-    order = list(config.get("methods") or {})
+    configs_of: dict[str, dict[str, dict]] = {}
+    for (method, config_id, _), (_, _, result) in kept.items():
+        configs_of.setdefault(method, {})[config_id] = result.get("config") or {}
+    differences = {method: describe_differences(configs) for method, configs in configs_of.items()}
+    order = list((newest or {}).get("experiment_methods") or config.get("methods") or [])
     rank = {name: i for i, name in enumerate(order)}
     methods: dict[str, list[dict]] = {}
     paths: dict[str, list[str]] = {}
-    for (method, seed), (_, path, result) in sorted(
-            kept.items(), key=lambda item: (rank.get(item[0][0], len(rank)), item[0][0], _seed_key(item[0][1]))):
+    rows: dict[str, dict] = {}
+    for (method, config_id, seed), (_, path, result) in sorted(
+            kept.items(), key=lambda item: (rank.get(item[0][0], len(rank)), item[0][0], item[0][1],
+                                            _seed_key(item[0][2]))):
+        label = method if len(configs_of[method]) == 1 else f"{method} [{config_id}]"
         result.setdefault("supervision", _registered_supervision(method))
-        methods.setdefault(method, []).append(result)
-        paths.setdefault(method, []).append(str(path))
+        methods.setdefault(label, []).append(result)
+        paths.setdefault(label, []).append(str(path))
+        rows[label] = {"method": method, "config_id": config_id, "differs": differences[method][config_id]}
     return {"experiment": experiment, "config": config, "expected": expected, "methods": methods,
-            "paths": paths, "warnings": warnings}
+            "paths": paths, "rows": rows, "warnings": warnings}
+
+
+def _expected_of(result: dict) -> dict:
+    """The experiment's expected numbers as a results file records them (beside its run
+    configuration; in the config itself in the earlier layout)."""
+    return result.get("expected") or (result.get("config") or {}).get("expected") or {}
 
 
 def _seed_key(seed) -> tuple:
@@ -118,7 +177,8 @@ def _compared_key(name: str, paper: dict) -> str:
     return f"{name}_{'with_bg' if with_bg else 'no_bg'}"
 
 
-def comparison_table(results_by_method: dict[str, list[dict]], expected: dict | None) -> list[dict]:
+def comparison_table(results_by_method: dict[str, list[dict]], expected: dict | None,
+                     rows_info: dict[str, dict] | None = None) -> list[dict]:
     """One row per method from its results (one per seed) and the experiment's `expected` block
     (config["expected"]: {"methods": {method: {old, new, all, all_includes_background?}}, ...}).
 
@@ -130,12 +190,15 @@ def comparison_table(results_by_method: dict[str, list[dict]], expected: dict | 
     std is None with one seed; a mean is None where no seed has a value (e.g. new after step 0)."""
     expected_methods = (expected or {}).get("methods") or {}
     rows = []
-    for method, results in results_by_method.items():
+    for label, results in results_by_method.items():
+        info = (rows_info or {}).get(label) or {"method": results[0].get("method") or label}
+        method = info["method"]
         n_steps = min(len(r["steps"]) for r in results)
         first = results[0]["steps"]
         new_classes = [c for s in first[1:n_steps] for c in s["classes"]]
         supervision = {r.get("supervision") for r in results} - {None}
-        row = {"method": method, "supervision": ", ".join(sorted(supervision)) or None,
+        row = {"method": label, "config_id": info.get("config_id"), "differs": info.get("differs") or "",
+               "supervision": ", ".join(sorted(supervision)) or None,
                "n_seeds": len(results), "seeds": " ".join(str(r["config"].get("seed")) for r in results),
                "old_classes": class_span(first[0]["classes"]), "new_classes": class_span(new_classes), "n_steps": n_steps}
         for metric in FINAL_METRICS:
@@ -203,13 +266,19 @@ def to_markdown(rows: list[dict], title: str, caption: str) -> str:
                     *(_mean_std(row, f"final_{m}") for m in ("old_no_bg", "new_no_bg", "all_no_bg", "all_with_bg",
                                                              "hiou_no_bg", "avg_no_bg")),
                     row["paper_old_new_all"], _diff_cell(row)] for row in rows]
+    final_align = ["---", "---", "--:", *["--:"] * 6, "---", "---"]
+    if any(row.get("differs") for row in rows):  # a method run with several configurations
+        final_header.append("configuration (where it differs)")
+        final_align.append("---")
+        for cells, row in zip(final_lines, rows):
+            cells.append(row.get("differs") or "-")
     step_header = ["Method", "after step", "old", "new", "all", "all+bg", "hIoU"]
     step_lines = [[row["method"], str(step),
                    *(_mean_std(row, f"step{step}_{m}") for m in ("old_no_bg", "new_no_bg", "all_no_bg",
                                                                  "all_with_bg", "hiou_no_bg"))]
                   for row in rows for step in range(row["n_steps"])]
     lines = [f"# {title}", "", caption, "", "## After the last step", "",
-             *_table(final_header, ["---", "---", "--:", *["--:"] * 6, "---", "---"], final_lines), "",
+             *_table(final_header, final_align, final_lines), "",
              "## After each step", "",
              *_table(step_header, ["---", "--:", *["--:"] * 5], step_lines)]
     return "\n".join(lines) + "\n"
@@ -276,7 +345,7 @@ def compare_experiment(run_dir: Path, out_dir: Path, console, use_wandb: bool = 
     if not collected["methods"]:
         console.print(f"[red]{collected['experiment']}: no complete results under {run_dir}[/]", soft_wrap=True)
         return None
-    rows = comparison_table(collected["methods"], collected["expected"])
+    rows = comparison_table(collected["methods"], collected["expected"], collected["rows"])
     markdown = to_markdown(rows, f"{collected['experiment']}: mean ± std over seeds", caption_for(collected))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "compare.md").write_text(markdown)

@@ -124,8 +124,8 @@ class TrainerConfig(Section):
     limit_train_batches: PositiveInt | Annotated[float, Field(gt=0, le=1)] = 1.0
     limit_test_batches: PositiveInt | Annotated[float, Field(gt=0, le=1)] = 1.0
     # "auto": a progress bar on a terminal, one line per epoch otherwise (a log file); "bar";
-    # "epochs"; "off" (callbacks/progress.py).
-    progress: Literal["auto", "bar", "epochs", "off"] = "auto"
+    # "epochs"; "none" (callbacks/progress.py).
+    progress: Literal["auto", "bar", "epochs", "none"] = "auto"
 
 
 class LoggerConfig(Section):
@@ -236,7 +236,7 @@ def validate_hparams(method_cls, hparams: dict, where: str) -> dict:
 
 def _run_config(experiment: Experiment, method_name: str) -> RunConfig:
     method_cls = _method_class(method_name)
-    hparams, sections = split_method_entry(experiment.methods[method_name])
+    hparams, sections = split_method_entry(experiment.methods.get(method_name) or {})  # unlisted: its defaults
     where = f"methods.{method_name}"
     hparams = validate_hparams(method_cls, hparams, where)
     for section, overrides in sections.items():

@@ -95,6 +95,8 @@ def run_method(experiment: Experiment, method_name: str, steps) -> dict:
         return store.results
     if saved and saved["steps"]:
         console.print(f"[bold]{method_name}[/]: resuming after step {saved['steps'][-1]['step']} ({store.directory})")
+    # What make compare needs of the experiment beside this run: its paper numbers, its methods' order.
+    store.results.update(expected=experiment.expected, experiment_methods=list(experiment.methods))
     names = reporting.class_names(config.data)
     logger = build_logger(config, method.supervision, store.directory, wandb_id=store.results.get("wandb_id"))
     if logger:

@@ -209,6 +209,9 @@ class SegmentationNetwork(nn.Module):
                 x = module(x)
             if name in model.return_layers:
                 features.append(x)
+        if not stages:
+            raise ValueError(f"stage taps need a ResNet encoder (smp 'resnet*' or timm 'tu-resnet*'); "
+                             f"{self.settings['encoder']!r} has no ResNet stages")
         return features, stages
 
     # --- the incremental classifier -------------------------------------------------------------

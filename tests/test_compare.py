@@ -181,7 +181,7 @@ def test_cli_writes_markdown_and_csv(runs, tmp_path, capsys):
     out = tmp_path / "out"
     assert compare.main([EXPERIMENT, "--runs", str(runs), "--out", str(out), "--no-wandb"]) == 0
     assert FINAL_HEADER in (out / "compare.md").read_text()
-    assert (out / "compare.csv").read_text().startswith("method,supervision,n_seeds,seeds,")
+    assert (out / "compare.csv").read_text().startswith("method,config_id,differs,supervision,n_seeds,seeds,")
     printed = capsys.readouterr().out
     assert "warning:" in printed and "incomplete" in printed and "32.0 ± 2.0" in printed
 
@@ -223,7 +223,7 @@ def test_log_comparison_to_wandb_offline_writes_a_table(runs, tmp_path, monkeypa
     assert len(tables) == 1
     table = json.loads(open(tables[0]).read())
     columns = table["columns"]
-    assert columns[:4] == ["method", "supervision", "n_seeds", "seeds"]
+    assert columns[:6] == ["method", "config_id", "differs", "supervision", "n_seeds", "seeds"]
     assert [row[0] for row in table["data"]] == ["ft", "mib", "wilson"]
     mib = dict(zip(columns, table["data"][1]))
     assert mib["final_old_no_bg_mean"] == pytest.approx(32.0) and mib["diff_all_no_bg"] == pytest.approx(-37.7)
@@ -259,3 +259,38 @@ def test_log_comparison_to_wandb_run_settings(runs, tmp_path, monkeypatch):
     assert init["tags"] == [EXPERIMENT, "compare"] and init["dir"] == str(tmp_path / "wb")
     table = calls["logged"]["comparison"]
     assert isinstance(table, wandb.Table) and len(table.data) == 3 and calls["finished"]
+
+
+def test_configurations_of_a_method_are_told_apart_and_kept_runs_are_not_read(tmp_path, capsys):
+    """The layout of experiments.store: runs/<exp>/<method>/<config id>/seed<k>/. Two
+    configurations of mib are two rows, each described by the settings in which it differs; the
+    seeds of one configuration are averaged; a run kept aside by resume=false is not read."""
+    exp = tmp_path / EXPERIMENT
+    now = time.time()
+
+    def new_layout(config_id, seed, numbers, lr, name=None):
+        data = results("mib", seed, *numbers)
+        data.update(config_id=config_id, expected=data["config"].pop("expected"),
+                    experiment_methods=["mib", "ft"])
+        data["config"].pop("methods")
+        data["config"].update(method="mib", schedule={"incremental": {"epochs": 10, "lr": lr}})
+        return write(exp / "mib" / config_id / (name or f"seed{seed}") / "results.json", data, now)
+
+    new_layout("aaaa1111", 0, MIB[0], 0.005)
+    new_layout("aaaa1111", 1, MIB[1], 0.005)
+    new_layout("bbbb2222", 0, MIB[2], 0.002)
+    new_layout("aaaa1111", 0, ((0.99, None, 0.99, 0.99, None, 0.99), (0.99,) * 6, (0.99, 0.99)), 0.005,
+               name="seed0.20261201-101010")  # kept by resume=false: not read
+    collected = compare.collect_results(exp)
+    assert list(collected["methods"]) == ["mib [aaaa1111]", "mib [bbbb2222]"]
+    assert [r["config"]["seed"] for r in collected["methods"]["mib [aaaa1111]"]] == [0, 1]
+    assert collected["rows"]["mib [aaaa1111]"] == {"method": "mib", "config_id": "aaaa1111",
+                                                   "differs": "schedule.incremental.lr=0.005"}
+    assert collected["rows"]["mib [bbbb2222]"]["differs"] == "schedule.incremental.lr=0.002"
+    assert collected["expected"] == EXPECTED and not collected["warnings"]
+    rows = compare.comparison_table(collected["methods"], collected["expected"], collected["rows"])
+    assert rows[0]["final_old_no_bg_mean"] == pytest.approx(31.0) and rows[0]["n_seeds"] == 2
+    assert rows[0]["paper_old_no_bg"] == 71.8  # the paper's MiB row for both configurations
+    markdown = compare.to_markdown(rows, "t", "c")
+    assert "| configuration (where it differs) |" in markdown.replace(" |\n", " |\n")
+    assert "schedule.incremental.lr=0.002" in markdown and "mib [bbbb2222]" in markdown

@@ -97,13 +97,14 @@ def test_the_step_zero_cache_key_separates_what_changes_the_model(tiny_config):
     # What happens after step 0 does not change the step-0 model.
     for change in ("schedule.incremental.epochs=3", "methods.mib.kd_weight=5", "data.num_workers=1"):
         assert path(apply_overrides(tiny_config, [change]), "mib", mib) == key, change
+    other_precision = "32-true" if tiny_config.run_config("mib").trainer.precision == "bf16-mixed" else "bf16-mixed"
     for change in ("seed=1", "data.mode=overlap", "schedule.step0.epochs=2", "network.decoder_channels=8",
-                   "data.crop_size=24", "data.void_as_background=false", "trainer.precision=bf16-mixed",
+                   "data.crop_size=24", "data.void_as_background=false", f"trainer.precision={other_precision}",
                    "optimizer.weight_decay=0.001", "data.batch_size=2", "trainer.limit_train_batches=3"):
         assert path(apply_overrides(tiny_config, [change]), "mib", mib) != key, change
     # a method's own step-0 settings (an entry's data/schedule/trainer sections) give its own model
     for change in ("methods.mib.schedule.step0={epochs: 2, lr: 0.01}", "methods.mib.data.batch_size=2",
-                   "methods.mib.trainer.precision=bf16-mixed"):
+                   f"methods.mib.trainer.precision={other_precision}"):
         assert path(apply_overrides(tiny_config, [change]), "mib", mib) != key, change
     # the data pipeline's version is in the key: a cached model trained on other pixels is not reused
     assert step0_cache.step0_key(tiny_config.run_config("mib"), mib, steps)["pipeline"] == 2

@@ -66,7 +66,7 @@ def build_logger(config, supervision: str, run_dir: Path, wandb_id: str | None =
 def _quiet_settings():
     import wandb
 
-    return wandb.Settings(x_disable_stats=True, console="off", x_disable_meta=True)
+    return wandb.Settings(x_disable_stats=True, console="off", x_disable_meta=True, quiet=True)
 
 
 def define_task_step_metrics(run) -> None:
