@@ -109,7 +109,7 @@ def test_a_method_in_one_file_reaches_every_hook(tiny_config, monkeypatch):
 
 
 def test_a_second_run_reuses_the_stage_the_step0_model_and_its_side_state(tiny_config):
-    config = _probe_config(tiny_config)
+    config = _probe_config(tiny_config, "trainer.precision=32-true")  # bit-exact on CPU
     first = run.run_experiment(config)["probe"]
     probe.CALLS.clear()
     second = run.run_experiment(apply_overrides(config, ["resume=false"]))["probe"]
@@ -132,7 +132,7 @@ def _subprocess_env() -> dict:
 def _command(out: Path, data: Path, *extra) -> list[str]:
     return [sys.executable, str(REPO / "tests" / "run_with_probe.py"), "synthetic_15_5_disjoint", *TINY_OVERRIDES,
             f"data.root={data}", f"output_dir={out / 'runs'}", f"cache_dir={out / 'cache'}", "methods=[probe]",
-            THREE_STEPS, "schedule.incremental={epochs: 4, lr: 0.001}", *extra]
+            THREE_STEPS, "schedule.incremental={epochs: 4, lr: 0.001}", "trainer.precision=32-true", *extra]
 
 
 def _state(out: Path) -> dict:
