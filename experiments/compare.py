@@ -124,7 +124,11 @@ def collect_results(run_dir) -> dict:
     for (method, config_id, _), (_, _, result) in kept.items():
         configs_of.setdefault(method, {})[config_id] = result.get("config") or {}
     differences = {method: describe_differences(configs) for method, configs in configs_of.items()}
-    order = list((newest or {}).get("experiment_methods") or config.get("methods") or [])
+    # The experiment's method order, from the run that listed the most methods (a run of a subset,
+    # METHODS=mib, would otherwise put its method first).
+    orders = [r.get("experiment_methods") or list((r.get("config") or {}).get("methods") or []) for _, _, r in
+              sorted(kept.values(), key=lambda entry: -entry[0])]
+    order = max(orders, key=len, default=[])
     rank = {name: i for i, name in enumerate(order)}
     methods: dict[str, list[dict]] = {}
     paths: dict[str, list[str]] = {}

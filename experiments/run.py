@@ -46,6 +46,9 @@ def learn_task(config, method, steps, store: RunStore, logger, names) -> None:
     for step in range(store.next_step, len(steps)):
         examples = store.directory / EXAMPLES_FILE if step == len(steps) - 1 else None
         console.print(f"[bold]{config.method}[/]: step {step} (classes {steps[step][0]}-{steps[step][-1]})")
+        # Everything random of a step (new classifier weights, data order) from (seed, step), not
+        # from what this process ran before: a run resumed between steps continues exactly.
+        pl.seed_everything(config.seed + step, verbose=False)
         if step == 0:
             network, record = first_step(config, method, steps, store, logger, names, examples)
         else:
@@ -72,8 +75,7 @@ def first_step(config, method, steps, store, logger, names, examples):
         network = step0_cache.load(cache, method, config)
         built = build_step(config, method, steps, 0, network, class_names=names)
         return network, fit_and_test(config, built, logger, train=False, examples_path=examples)
-    pl.seed_everything(config.seed, verbose=False)  # the same initial weights in every process
-    network = method.build_network(config.network, [len(steps[0])])
+    network = method.build_network(config.network, [len(steps[0])])  # seeded: the same in every process
     built = build_step(config, method, steps, 0, network, class_names=names)
     record = fit_and_test(config, built, logger, checkpoint_file=store.fit_checkpoint(0), examples_path=examples)
     if is_global_zero():

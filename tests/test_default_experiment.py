@@ -1,4 +1,4 @@
-"""Accuracy tier (slow, ~8.5 min on 2 cores): the default experiment shows the field's basic result.
+"""Accuracy tier (slow, ~4-6 min on 2 cores: bf16 or fp32): the default experiment shows the field's basic result.
 
 Run by `make test-slow` / `make test-all` and by CI. If a change to the embedded data, the network
 or a schedule breaks one of these, the default `make run` no longer shows what it promises.

@@ -422,3 +422,31 @@ def test_a_methods_own_batch_is_the_reference_of_its_lr(tmp_path):
     assert (ft.data.batch_size, ft.optimizer.reference_batch, lr_scale(ft)) == (16, 16, 1.0)
     doubled = apply_overrides(experiment, ["methods.mib.data.batch_size=16"]).run_config("mib")
     assert lr_scale(doubled) == 2.0
+
+
+def test_a_run_stopped_between_steps_resumes_exactly(tiny_config, monkeypatch):
+    """Stopped right after step 1 of 3 was saved (what a kill between two steps leaves), the run
+    continues at step 2 from checkpoints/step1.pt and ends exactly as an uninterrupted run: the new
+    classifier of step 2 (PyTorch's random init for FT) is drawn from (seed, step), not from the
+    random state of whatever the process ran before."""
+    from experiments import reporting
+
+    three = ["methods=[ft]", EXACT, "data.task=[[0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15],[16,17,18],[19,20]]"]
+    reference = run.run_experiment(apply_overrides(tiny_config, [*three, "output_dir=" + tiny_config.output_dir + "/a"]))
+    config = apply_overrides(tiny_config, [*three, "output_dir=" + tiny_config.output_dir + "/b"])
+    original = reporting.log_step
+
+    def stop_after_step_one(logger, record):
+        original(logger, record)
+        if record["step"] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(reporting, "log_step", stop_after_step_one)
+    with pytest.raises(KeyboardInterrupt):
+        run.run_experiment(config)
+    monkeypatch.setattr(reporting, "log_step", original)
+    torch.manual_seed(12345)  # another random state than a fresh process would have
+    resumed = run.run_experiment(config)["ft"]
+    assert resumed["steps"][2]["trained"] is True and len(resumed["steps"]) == 3
+    for a, b in zip(reference["ft"]["steps"], resumed["steps"], strict=True):
+        assert a["confusion"] == b["confusion"], a["step"]
