@@ -135,6 +135,7 @@ class LoggerConfig(Section):
 
 class FiguresConfig(Section):
     qualitative_images: NonNegativeInt = 4         # test images of the qualitative figure; 0: none
+    draw: bool = True                              # false: no PNG figures (results and tables still written)
 
 
 class CheckpointConfig(Section):

@@ -156,4 +156,5 @@ def test_every_experiment_file_loads_and_names_its_methods():
             build_method(method, **config.run_config(method).hparams)
         for method, numbers in (config.expected.get("methods") or {}).items():
             assert method in config.methods and {"old", "new", "all"} <= set(numbers)
-            assert set(numbers) <= {"old", "new", "all", "all_includes_background", "source", "new_groups"}
+            assert set(numbers) <= {"old", "new", "all", "all_includes_background", "old_includes_background",
+                                    "source", "new_groups"}

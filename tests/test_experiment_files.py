@@ -99,6 +99,7 @@ def smoke_config(name: str, data_root, tmp_path):
     config["trainer"] = {**(config.get("trainer") or {}), "devices": 1, "limit_train_batches": 2,
                          "limit_test_batches": 1, "accelerator": "cpu"}
     config["logger"] = {"wandb": "disabled", "project": "ciss"}
+    config["figures"] = {"qualitative_images": 0, "draw": False}  # figures have tests of their own
     config.update(output_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"))
     return resolve(config)
 

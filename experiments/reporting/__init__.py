@@ -32,7 +32,7 @@ def log_step(logger, record: dict) -> None:
 
 def finish_run(config, results: dict, directory: Path, logger, is_main: bool) -> None:
     """A complete run: its per-class figure, its qualitative figure, its final numbers on wandb."""
-    if is_main:
+    if is_main and config.figures.draw:
         figures = {"figures/per_class_iou": plot_per_class_iou(results, directory / "per_class_iou.png")}
         if (directory / EXAMPLES_FILE).exists():
             figures["figures/qualitative"] = plot_experiment_qualitative(
@@ -58,12 +58,14 @@ def finish_experiment(experiment, results: dict[str, dict], run_dirs: dict[str, 
     print_comparison(console, experiment, rows)
     if not all(r.get("complete") for r in results.values()):
         return
-    figures = write_experiment_figures(out_dir, results, per_class=False)
-    examples = {name: load_examples(path) for name in results
-                if (path := run_dirs[name] / EXAMPLES_FILE).exists()}
-    if examples:
-        figures["figures/qualitative"] = plot_experiment_qualitative(out_dir / "qualitative.png", examples,
-                                                                     class_names(experiment.data))
+    figures = {}
+    if experiment.figures.draw:
+        figures = write_experiment_figures(out_dir, results, per_class=False)
+        examples = {name: load_examples(path) for name in results
+                    if (path := run_dirs[name] / EXAMPLES_FILE).exists()}
+        if examples:
+            figures["figures/qualitative"] = plot_experiment_qualitative(out_dir / "qualitative.png", examples,
+                                                                         class_names(experiment.data))
     # The experiment's own wandb run (job_type "summary", in the experiment's group): the
     # comparison table and the figures that span methods.
     log_summary_run(experiment.name, "summary", run_tags(experiment.name, experiment.data, experiment.seed, "summary"),

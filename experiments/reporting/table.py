@@ -33,11 +33,14 @@ def comparison_rows(experiment, results: dict[str, dict]) -> list[dict]:
 
 def _paper_cell(paper: dict | None) -> str:
     """old/new/all of the paper; "(All+bg)" when the paper's All includes background (WILSON's
-    convention), to be read against the all+bg column."""
+    convention), "(old+bg, All+bg)" when its old does too (PLOP's "0-15"): to be read against the
+    columns of that convention."""
     if not paper:
         return "-"
     text = "/".join(f"{paper[k]:.1f}" for k in ("old", "new", "all") if k in paper)
-    return text + " (All+bg)" if paper.get("all_includes_background") else text
+    with_bg = [name for name, key in (("old", "old_includes_background"), ("All", "all_includes_background"))
+               if paper.get(key)]
+    return text + f" ({'+bg, '.join(with_bg)}+bg)" if with_bg else text
 
 
 def _columns(steps) -> list[tuple[str, str]]:

@@ -5,6 +5,8 @@ with the signature it was given), whichever submodule holds it:
   supervised        softmax CE, MiB's unbiased CE, per-class BCE on one-hot labels
   distillation      knowledge distillation from the old model (MiB's unbiased KD, ...)
   weak_supervision  learning from image-level labels (WILSON's terms, nGWP, PAMR, ...)
+  plop              PLOP's entropy pseudo-labels and thresholds, Local POD
+  sdr               SDR's prototypes, prototype matching, clustering, sparsity
 
 Shapes: logits (B, C, H, W) over the C channels of the current model, in the order
 [bg, step-0 classes, step-1 classes, ...]; labels (B, H, W) of channel indices, 255 ignored.
@@ -12,3 +14,5 @@ Shapes: logits (B, C, H, W) over the C channels of the current model, in the ord
 from lightning_modules.losses.distillation import *  # noqa: F401,F403
 from lightning_modules.losses.supervised import *  # noqa: F401,F403
 from lightning_modules.losses.weak_supervision import *  # noqa: F401,F403
+from lightning_modules.losses.plop import *  # noqa: F401,F403,E402
+from lightning_modules.losses.sdr import *  # noqa: F401,F403,E402
