@@ -450,3 +450,35 @@ def test_a_run_stopped_between_steps_resumes_exactly(tiny_config, monkeypatch):
     assert resumed["steps"][2]["trained"] is True and len(resumed["steps"]) == 3
     for a, b in zip(reference["ft"]["steps"], resumed["steps"], strict=True):
         assert a["confusion"] == b["confusion"], a["step"]
+
+
+def test_plop_and_sdr_killed_mid_step_resume_exactly(tmp_path):
+    """SIGKILL mid step 0 of SDR (its prototypes accumulating) and mid step 1 of PLOP (its thresholds
+    from the pass before training, kept in the checkpoint), then the same command: every confusion
+    matrix, SDR's prototypes and PLOP's thresholds equal an uninterrupted run's exactly."""
+    args = ("methods=[sdr,plop]", "schedule.step0={epochs: 3, lr: 0.01}", "schedule.incremental={epochs: 3, lr: 0.001}",
+            EXACT)
+    data = tmp_path / "data"
+    reference = subprocess.run(tiny_command(tmp_path / "reference", data, *args), cwd=REPO, env=subprocess_env(),
+                               capture_output=True, text=True)
+    assert reference.returncode == 0, reference.stdout[-2000:] + reference.stderr[-2000:]
+    out = tmp_path / "killed"
+    command = tiny_command(out, data, *args)
+    for marker in (run_dir(out, "sdr") / "checkpoints" / "fit-step0.ckpt",
+                   run_dir(out, "plop") / "checkpoints" / "fit-step1.ckpt"):
+        process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        wait_for(marker, process)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    resumed = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert "resuming step 1 from" in resumed.stdout.replace("\n", " ")
+    for method in ("sdr", "plop"):
+        expected, got = saved_results(tmp_path / "reference", method), saved_results(out, method)
+        assert [s["confusion"] for s in expected["steps"]] == [s["confusion"] for s in got["steps"]], method
+        states = [torch.load(run_dir(o, method) / "checkpoints" / "step1.pt", weights_only=True)["method_state"]
+                  for o in (tmp_path / "reference", out)]
+        assert set(states[0]) == set(states[1])
+        for key in states[0]:
+            torch.testing.assert_close(states[1][key], states[0][key], rtol=0, atol=0, equal_nan=True, msg=key)
