@@ -192,26 +192,9 @@ def test_plop_thresholds_are_identical_with_one_and_two_processes(tmp_path):
     """The same old model (the step-0 model cached by the first run), the pass over the training
     images split over 2 gloo processes and summed: the same histograms and thresholds as 1 process
     (fp32; every image seen once over the processes)."""
-    import json
-    import subprocess
-    import sys
+    from tests.test_robustness import states_with_one_and_two_processes
 
-    from tests.test_robustness import REPO, subprocess_env, tiny_command
-
-    data = tmp_path / "data"
-    args = ("methods=[plop]", "trainer.precision=32-true", "schedule.incremental={epochs: 1, lr: 0.001}",
-            f"cache_dir={tmp_path / 'cache'}")
-    one = subprocess.run([*tiny_command(tmp_path / "one", data, *args), "trainer.accumulate_grad_batches=2"],
-                         cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-2000:]
-    two = subprocess.run([*tiny_command(tmp_path / "two", data, *args), "trainer.devices=2", "trainer.accelerator=cpu"],
-                         cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
-    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
-    assert "step 0 from cache" in two.stdout.replace("\n", " ")  # the same old model
-    states = []
-    for name in ("one", "two"):
-        (path,) = (tmp_path / name / "runs").glob("*/plop/latest/seed42/checkpoints/step1.pt")
-        states.append(torch.load(path, weights_only=True)["method_state"])
+    states = states_with_one_and_two_processes(tmp_path, "plop", "schedule.incremental={epochs: 1, lr: 0.001}")
     assert int(states[0]["histograms"].sum()) > 0
     assert torch.equal(states[0]["histograms"], states[1]["histograms"])
     torch.testing.assert_close(states[0]["thresholds"], states[1]["thresholds"], rtol=0, atol=0, equal_nan=True)

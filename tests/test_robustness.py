@@ -32,6 +32,27 @@ def tiny_command(out: Path, data: Path, *extra: str, with_probe: bool = False) -
             f"output_dir={out / 'runs'}", f"cache_dir={out / 'cache'}", *extra]
 
 
+def states_with_one_and_two_processes(tmp_path: Path, method: str, *args: str) -> list[dict]:
+    """`method` run with 1 process (2 accumulated batches), then with 2 gloo processes, sharing the
+    first run's step-0 cache (the same old model and step-0 state); the method's carried state
+    after step 1 of each (fp32)."""
+    data = tmp_path / "data"
+    common = (f"methods=[{method}]", "trainer.precision=32-true", f"cache_dir={tmp_path / 'cache'}", *args)
+    outputs = []
+    for name, extra in (("one", ["trainer.accumulate_grad_batches=2"]),
+                        ("two", ["trainer.devices=2", "trainer.accelerator=cpu"])):
+        done = subprocess.run([*tiny_command(tmp_path / name, data, *common), *extra], cwd=REPO, env=subprocess_env(),
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        outputs.append(done.stdout.replace("\n", " "))
+    assert "step 0 from cache" in outputs[1]  # the same old model
+    states = []
+    for name in ("one", "two"):
+        (path,) = (tmp_path / name / "runs").glob(f"*/{method}/latest/seed42/checkpoints/step1.pt")
+        states.append(torch.load(path, weights_only=True)["method_state"])
+    return states
+
+
 def subprocess_env() -> dict:
     return dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=str(REPO), NO_ALBUMENTATIONS_UPDATE="1")
 

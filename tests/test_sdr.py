@@ -188,24 +188,10 @@ def test_prototypes_with_one_and_two_processes(tmp_path):
     sums run in another order. Measured here: 4.6e-7 relative on the final prototypes after 2
     epochs; the tolerance, 1e-4, leaves room for other machines' float order while any
     missing or reordered update (tens of percent on a class's mean) would fail."""
-    import subprocess
+    from tests.test_robustness import states_with_one_and_two_processes
 
-    from tests.test_robustness import REPO, subprocess_env, tiny_command
-
-    data = tmp_path / "data"
-    args = ("methods=[sdr]", "trainer.precision=32-true", "schedule.incremental={epochs: 2, lr: 0.001}",
-            f"cache_dir={tmp_path / 'cache'}", "data.batch_size=4", "methods.sdr.data.batch_size=4")
-    one = subprocess.run([*tiny_command(tmp_path / "one", data, *args), "trainer.accumulate_grad_batches=2"],
-                         cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-2000:]
-    two = subprocess.run([*tiny_command(tmp_path / "two", data, *args), "trainer.devices=2", "trainer.accelerator=cpu"],
-                         cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
-    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
-    assert "step 0 from cache" in two.stdout.replace("\n", " ")
-    states = []
-    for name in ("one", "two"):
-        (path,) = (tmp_path / name / "runs").glob("*/sdr/latest/seed42/checkpoints/step1.pt")
-        states.append(torch.load(path, weights_only=True)["method_state"])
+    states = states_with_one_and_two_processes(tmp_path, "sdr", "schedule.incremental={epochs: 2, lr: 0.001}",
+                                               "data.batch_size=4", "methods.sdr.data.batch_size=4")
     assert torch.equal(states[0]["prototype_counts"], states[1]["prototype_counts"])
     a, b = states[0]["prototypes"], states[1]["prototypes"]
     relative = float((a - b).abs().max() / a.abs().max())
