@@ -118,7 +118,6 @@ class ShardedSampler(Sampler):
         return iter(positions) if self.epoch is None else ((self.epoch, i) for i in positions)
 
 
-ShardedEvaluationSampler = ShardedSampler  # the test sets' sampler (no epoch: no augmentation)
 # The "epoch" of a method's pass over the training images before training: it seeds that pass's
 # augmentation apart from every training epoch (no schedule reaches it).
 TRAINING_PASS_EPOCH = 1_000_000

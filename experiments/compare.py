@@ -190,7 +190,7 @@ def comparison_table(results_by_method: dict[str, list[dict]], expected: dict | 
     `final_<metric>_mean/_std` after the last step (+ avg), metric in STEP_METRICS (FINAL_METRICS),
     in %; `paper_<old|new|all>_no_bg` / `paper_<old|all>_with_bg`: the paper's number in the column
     of its convention (with_bg when the expected row says all_includes_background, or
-    old_includes_background), None in the other; `diff_*` = measured final mean - paper, in points; `paper_old_new_all` = report.py's paper cell.
+    old_includes_background), None in the other; `diff_*` = measured final mean - paper, in points; `paper_old_new_all` = the comparison table's paper cell (experiments/reporting/table.py).
     std is None with one seed; a mean is None where no seed has a value (e.g. new after step 0)."""
     expected_methods = (expected or {}).get("methods") or {}
     rows = []
@@ -219,7 +219,7 @@ def comparison_table(results_by_method: dict[str, list[dict]], expected: dict | 
                 measured = row[f"final_{key}_mean"]
                 row[f"paper_{key}"] = paper[name] if compared else None
                 row[f"diff_{key}"] = measured - paper[name] if compared and measured is not None else None
-        row["paper_old_new_all"] = _paper_cell(paper)  # as report.py writes it: "(All+bg)" when All has background
+        row["paper_old_new_all"] = _paper_cell(paper)  # as reporting/table.py writes it: "(All+bg)" when All has background
         for step in range(n_steps):
             for metric in STEP_METRICS:
                 mean, std = _percent_stats([r["steps"][step]["summary"].get(metric) for r in results])

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import os
 import typing
 from pathlib import Path
@@ -183,7 +184,7 @@ class Experiment(Section):
     output_dir: str = "runs"
     cache_dir: str = "runs/.step0_cache"
     methods: Annotated[dict[str, dict[str, Any]], Field(min_length=1)]
-    expected: dict[str, Any] = {}                  # the papers' numbers, free form (experiments/report.py reads it)
+    expected: dict[str, Any] = {}                  # the papers' numbers, free form (experiments/reporting/table.py reads it)
 
     @field_validator("methods", mode="before")
     @classmethod
@@ -219,16 +220,22 @@ def _method_class(name: str):
     return METHODS[name]
 
 
-def validate_hparams(method_cls, hparams: dict, where: str) -> dict:
-    """The method's hyper-parameters checked against its dataclass fields (names, types, ranges),
-    with the defaults filled in."""
+@functools.lru_cache(maxsize=None)
+def _hparams_model(method_cls) -> type[BaseModel]:
+    """A strict pydantic model of the method's dataclass fields (built once per method class)."""
     hints = typing.get_type_hints(method_cls, include_extras=True)
     fields = {}
     for f in dataclasses.fields(method_cls):
         default = (f.default if f.default is not dataclasses.MISSING else Field(default_factory=f.default_factory))
         fields[f.name] = (hints[f.name], default)
-    model = create_model(f"{method_cls.__name__}Hyperparameters",
-                         __config__=ConfigDict(extra="forbid", strict=True), **fields)
+    return create_model(f"{method_cls.__name__}Hyperparameters", __config__=ConfigDict(extra="forbid", strict=True),
+                        **fields)
+
+
+def validate_hparams(method_cls, hparams: dict, where: str) -> dict:
+    """The method's hyper-parameters checked against its dataclass fields (names, types, ranges),
+    with the defaults filled in."""
+    model = _hparams_model(method_cls)
     try:
         return model(**hparams).model_dump()
     except ValidationError as error:
@@ -279,7 +286,8 @@ def cpu_has_bfloat16() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
-def _on_gpu(accelerator: str) -> bool:
+def on_gpu(accelerator: str) -> bool:
+    """Whether a trainer with this accelerator setting runs on a GPU here."""
     if accelerator in ("gpu", "cuda"):
         return True
     if accelerator == "auto":
@@ -291,12 +299,12 @@ def _on_gpu(accelerator: str) -> bool:
 
 def resolve_precision(precision: str, accelerator: str) -> str:
     """The precision a run trains with on this machine. "auto": bf16 autocast on a CPU with bfloat16
-    hardware (measured on the default network: forward + backward 54-75 ms instead of 98-101 ms
-    with fp32), fp32 elsewhere and on GPUs. "16-mixed" (the GPU files of WILSON) is a GPU setting:
+    hardware (`make bench` here, with channels_last: a MiB step-1 iteration of the default
+    experiment 85 ms instead of 110 ms in fp32), fp32 elsewhere and on GPUs. "16-mixed" (the GPU files of WILSON) is a GPU setting:
     on a CPU, where fp16 autocast does not exist, it becomes bf16-mixed or fp32 the same way."""
-    if precision not in ("auto", "16-mixed") or (precision == "16-mixed" and _on_gpu(accelerator)):
+    if precision not in ("auto", "16-mixed") or (precision == "16-mixed" and on_gpu(accelerator)):
         return precision
-    if _on_gpu(accelerator):
+    if on_gpu(accelerator):
         return "32-true"
     return "bf16-mixed" if cpu_has_bfloat16() else "32-true"
 

@@ -58,8 +58,6 @@ def learn_task(config, method, steps, store: RunStore, logger, names) -> None:
             network.add_classes(len(steps[step]))
             method.init_new_classifier(network, old_network)
             built = build_step(config, method, steps, step, network, old_network, names)
-            # A training checkpoint of this step is resumed from: it can only be this run's (one
-            # directory per configuration, experiments.store).
             record = fit_and_test(config, built, logger, checkpoint_file=store.fit_checkpoint(step),
                                   examples_path=examples)
         store.finish_step(record, network)

@@ -9,13 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytorch_lightning as pl
-import torch
 
 from callbacks.checkpointing import AtomicCheckpointIO, RandomStateCallback
 from callbacks.progress import progress_callbacks, shows_a_bar
 from callbacks.teacher import TeacherCallback
 from datamodules.incremental import IncrementalSegmentationDataModule
 from datamodules.tasks import channel_order
+from experiments.config import on_gpu
 from experiments.distributed import agree, is_global_zero, loader_workers, rank, world_size
 from lightning_modules.methods.base import StepContext
 from lightning_modules.module import IncrementalSegmentationModule
@@ -43,8 +43,7 @@ def uses_sync_batchnorm(config) -> bool:
     """SyncBatchNorm under DDP (PROTOCOL.md §6) on GPUs. PyTorch implements it for GPUs only, so
     CPU processes keep per-process batch norm (and say so at the start)."""
     t = config.trainer
-    on_gpu = t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and torch.cuda.is_available())
-    return t.sync_batchnorm and world_size(t) > 1 and on_gpu
+    return t.sync_batchnorm and world_size(t) > 1 and on_gpu(t.accelerator)
 
 
 # --- building blocks ---------------------------------------------------------------------------
@@ -104,7 +103,6 @@ class Step:
     """The objects of one step, built and wired (before fit)."""
     datamodule: IncrementalSegmentationDataModule
     module: IncrementalSegmentationModule
-    context: StepContext
     callbacks: list
 
 
@@ -114,6 +112,8 @@ def build_step(config, method, steps, step: int, network, old_network=None, clas
     classifier for the step's classes."""
     from experiments.stages import run_stage_once
 
+    # Seeded again (the step loop seeds before the classifier grows): what follows draws the same
+    # random numbers however many the new head's initialisation took.
     pl.seed_everything(config.seed + step, verbose=False)
     datamodule = build_datamodule(config, method, steps, step)
     datamodule.setup("fit")
@@ -123,16 +123,17 @@ def build_step(config, method, steps, step: int, network, old_network=None, clas
         context.stage_directory = run_stage_once(method, context, config.cache_dir)
         datamodule.set_training_sources(method.training_data(context, datamodule.training_sources))
     module = build_module(config, method, steps, step, network, class_names)
-    return Step(datamodule, module, context, [TeacherCallback(old_network)])
+    return Step(datamodule, module, [TeacherCallback(old_network)])
 
 
 # --- fit and test -------------------------------------------------------------------------------
 def fit_and_test(config, built: Step, logger, train: bool = True, checkpoint_file: Path | None = None,
-                 resume: bool = True, examples_path: Path | None = None) -> dict:
+                 examples_path: Path | None = None) -> dict:
     """Train the step (unless `train` is False: a cached step-0 model), test it (and the held-out
     validation images, when there are any); with `examples_path`, save the qualitative examples
-    there. With `checkpoint_file`, the training is checkpointed there and, with `resume`, resumed
-    from it if it exists. Returns the step's record for results.json."""
+    there. With `checkpoint_file`, the training is checkpointed there and resumed from it if it
+    exists (it can only be this run's: one directory per configuration, experiments.store).
+    Returns the step's record for results.json."""
     from experiments.reporting.qualitative import choose_examples, predict_examples, save_examples
 
     datamodule, module, step = built.datamodule, built.module, built.module.step
@@ -141,7 +142,7 @@ def fit_and_test(config, built: Step, logger, train: bool = True, checkpoint_fil
                             checkpoint_file=checkpoint_file if train else None)
     started = time.time()
     if train:
-        resume_from = agree(resume and checkpoint_file is not None and checkpoint_file.exists())
+        resume_from = agree(checkpoint_file is not None and checkpoint_file.exists())
         if resume_from and is_global_zero():
             print(f"  resuming step {step} from {checkpoint_file}")
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(checkpoint_file) if resume_from else None)
@@ -157,8 +158,6 @@ def fit_and_test(config, built: Step, logger, train: bool = True, checkpoint_fil
     if examples_path is not None and count and trainer.is_global_zero:
         positions = choose_examples(datamodule.test_presence[datamodule.test_indices], module.steps[: step + 1], count)
         save_examples(examples_path, predict_examples(module, datamodule.test_set, positions, datamodule.test_presence))
-    # The network leaves the step uncompiled (configure_model compiles it for fit and for test).
-    module.network._compiled_call_impl = None
     return {
         "step": step, "classes": module.steps[step], "trained": train, "train_images": len(datamodule.train_set),
         "test_images": len(datamodule.test_set), "train_seconds": round(train_seconds, 1),

@@ -14,7 +14,8 @@ A method never reaches into the network. What it may ask for:
   parameter_groups()         {"encoder", "decoder", "classifier"}: lists of parameters
   feature_channels           channels of the "encoder" output; output_stride
   frozen_copy()              the old model of the next step: a detached, frozen, eval-mode copy
-  state() / from_state()     the saved form (classes per step + state dict)
+  state()                    the saved form (classes per step + state dict; a method's
+                             `load_network` rebuilds it with the method's own builder)
 
 The papers use DeepLabV3 with ResNet-101 at output stride 16 and ASPP rates 6/12/18; smp's own
 DeepLabV3 defaults are output stride 8 with rates 12/24/36. Deviations from MiB's network, by
@@ -255,11 +256,3 @@ class SegmentationNetwork(nn.Module):
 
     def state(self) -> dict:
         return {"state_dict": self.state_dict(), "classes_per_step": list(self.classes_per_step)}
-
-    @classmethod
-    def from_state(cls, state: dict, settings: dict) -> "SegmentationNetwork":
-        """The network saved by state() with `settings` (no pretrained weights: every weight is
-        about to be overwritten, so nothing is downloaded for it)."""
-        network = cls(state["classes_per_step"], **dict(settings, encoder_weights=None))
-        network.load_state_dict(state["state_dict"])
-        return network

@@ -71,13 +71,13 @@ def test_a_method_brings_its_own_settings_and_the_precision_is_resolved_for_this
     assert experiment.run_config("wilson").schedule.incremental.epochs == 40
     assert experiment.run_config("mib").schedule.incremental.epochs == 30
     # precision auto / 16-mixed on a CPU: bf16 where the CPU has bfloat16 hardware, else fp32
-    monkeypatch.setattr(config_module, "_on_gpu", lambda accelerator: False)
+    monkeypatch.setattr(config_module, "on_gpu", lambda accelerator: False)
     monkeypatch.setattr(config_module, "cpu_has_bfloat16", lambda: True)
     assert resolve_precision("auto", "cpu") == "bf16-mixed" == resolve_precision("16-mixed", "cpu")
     monkeypatch.setattr(config_module, "cpu_has_bfloat16", lambda: False)
     assert resolve_precision("auto", "cpu") == "32-true" == resolve_precision("16-mixed", "cpu")
     assert resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"
-    monkeypatch.setattr(config_module, "_on_gpu", lambda accelerator: True)
+    monkeypatch.setattr(config_module, "on_gpu", lambda accelerator: True)
     assert resolve_precision("auto", "gpu") == "32-true" and resolve_precision("16-mixed", "gpu") == "16-mixed"
 
 

@@ -47,6 +47,8 @@ def _present(labels_down: torch.Tensor, drop_first: bool) -> list[int]:
     present = torch.unique(labels_down)
     if drop_first:
         present = present[1:]
+    # The code indexes present[-1] unguarded and stops with an IndexError when nothing is left (a
+    # batch whose only class, after the nearest downsampling, was dropped); here: no class.
     if len(present) and present[-1] == 255:
         present = present[:-1]
     return [int(c) for c in present]
