@@ -41,6 +41,7 @@ def run_stage_once(method, context, cache_dir, poll_seconds: float = 2.0) -> Pat
             directory.mkdir(parents=True, exist_ok=True)
             print(f"  {method.name}: stage of step {context.step} -> {directory}")
             started = time.time()
+            context.stage_directory = directory
             method.run_stage(context, directory)
             temporary = directory / f".{MARKER}.tmp"
             temporary.write_text(json.dumps({"seconds": round(time.time() - started, 1)}))

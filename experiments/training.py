@@ -104,6 +104,7 @@ class Step:
     datamodule: IncrementalSegmentationDataModule
     module: IncrementalSegmentationModule
     callbacks: list
+    stage_directory: Path | None = None
 
 
 def build_step(config, method, steps, step: int, network, old_network=None, class_names=None) -> Step:
@@ -123,7 +124,7 @@ def build_step(config, method, steps, step: int, network, old_network=None, clas
         context.stage_directory = run_stage_once(method, context, config.cache_dir)
         datamodule.set_training_sources(method.training_data(context, datamodule.training_sources))
     module = build_module(config, method, steps, step, network, class_names)
-    return Step(datamodule, module, [TeacherCallback(old_network)])
+    return Step(datamodule, module, [TeacherCallback(old_network)], context.stage_directory)
 
 
 # --- fit and test -------------------------------------------------------------------------------
@@ -154,6 +155,17 @@ def fit_and_test(config, built: Step, logger, train: bool = True, checkpoint_fil
         validation = {"images": len(datamodule.val_set), "summary": module.test_summary}
         module.evaluation_split = datamodule.evaluated_split = "test"
     trainer.test(module, datamodule=datamodule, verbose=False)
+    stage, pseudo_labels = None, None
+    if built.stage_directory is not None:
+        stage = {"directory": str(built.stage_directory), **stage_record(built.stage_directory)}
+    if train and step > 0 and module.method.supervision == "image" and trainer.is_global_zero:
+        from experiments.reporting.pseudo_masks import pseudo_label_quality
+
+        started_quality = time.time()
+        names = dict(zip(channel_order(module.steps, step), module.class_names))
+        pseudo_labels = pseudo_label_quality(module, datamodule, names)
+        if pseudo_labels is not None:
+            pseudo_labels["seconds"] = round(time.time() - started_quality, 1)
     count = config.figures.qualitative_images
     if examples_path is not None and count and trainer.is_global_zero:
         positions = choose_examples(datamodule.test_presence[datamodule.test_indices], module.steps[: step + 1], count)
@@ -164,4 +176,17 @@ def fit_and_test(config, built: Step, logger, train: bool = True, checkpoint_fil
         "unreadable_skipped": len(module.unreadable),
         "iou": {module.class_names[i]: (None if math.isnan(v) else float(v)) for i, v in enumerate(module.test_iou)},
         "summary": module.test_summary, "confusion": module.test_confusion.tolist(), "validation": validation,
+        "stage": stage, "pseudo_labels": pseudo_labels,
     }
+
+
+def stage_record(directory: Path) -> dict:
+    """What the stage's COMPLETE marker says (its run time), {} when it is unreadable."""
+    import json
+
+    from experiments.stages import MARKER
+
+    try:
+        return json.loads((Path(directory) / MARKER).read_text())
+    except (OSError, ValueError):
+        return {}

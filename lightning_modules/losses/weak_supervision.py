@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from lightning_modules.losses.common import _float32_at_least
 
 __all__ = ["ngwp_focal_scores", "masked_localizer_probabilities", "wilson_targets", "pamr", "pseudo_label_masks",
-           "balanced_self_training_loss", "soft_segmentation_bce"]
+           "balanced_self_training_loss", "soft_segmentation_bce", "pseudo_mask_bce"]
 
 
 # --- WILSON (Cermelli et al., CVPR 2022), as its official code computes it ------------------
@@ -155,3 +155,35 @@ def soft_segmentation_bce(logits: torch.Tensor, targets: torch.Tensor, image_wei
     if image_weights is None:
         image_weights = torch.ones_like(per_image)
     return (image_weights * per_image).sum() / (image_weights.sum() + 1e-5)
+
+
+# --- the image-label baselines' segmentation training (WILSON's table, METHODS_others.md §5) -----
+def pseudo_mask_bce(logits: torch.Tensor, pseudo_masks: torch.Tensor, old_logits: torch.Tensor) -> torch.Tensor:
+    """WILSON's loss for training on hard pseudo-masks (its `IcarlLoss` with `icarl_bkg = -1`,
+    fcdl94/WILSON utils/loss.py), at image resolution:
+        Y    = one-hot of pseudo_masks over the C channels (a 255 is no class: an all-zero row)
+        T_c  = sigmoid(old_c) for old foreground channels 1..n_old-1
+        T_c  = Y_c for the new channels n_old..C-1
+        T_bg = min(Y_bg, sigmoid(old_bg))
+        L    = mean over pixels of sum_c BCE(sigmoid(logits_c), T_c)
+    logits (B, C, H, W) and old_logits (B, n_old, H, W) upsampled to the masks' size (bilinear,
+    as the official code does before the loss); pseudo_masks (B, H, W) channel ids after the train
+    label lookup (old classes and abstained pixels are 0 there: PROTOCOL.md §4)."""
+    logits = _float32_at_least(logits)
+    channels, n_old = logits.shape[1], old_logits.shape[1]
+    if logits.shape[0] != pseudo_masks.shape[0] or logits.shape[-2:] != pseudo_masks.shape[-2:]:
+        raise ValueError(f"logits {tuple(logits.shape)} and pseudo_masks {tuple(pseudo_masks.shape)} must share "
+                         "batch and spatial size")
+    if old_logits.shape[0] != logits.shape[0] or old_logits.shape[-2:] != logits.shape[-2:] or not 0 < n_old <= channels:
+        raise ValueError(f"old_logits {tuple(old_logits.shape)} must share batch and size with logits "
+                         f"{tuple(logits.shape)} and have 1..{channels} channels")
+    masks = pseudo_masks.long()
+    outside = (masks < 0) | ((masks >= channels) & (masks != 255))
+    if bool(outside.any()):
+        raise ValueError(f"pseudo_masks hold ids outside 0..{channels - 1} and 255")
+    one_hot = F.one_hot(masks.masked_fill(masks == 255, channels), channels + 1)[..., :channels]
+    targets = one_hot.permute(0, 3, 1, 2).to(logits.dtype)
+    old_probabilities = torch.sigmoid(_float32_at_least(old_logits)).to(logits.dtype)
+    targets = torch.cat([torch.minimum(targets[:, :1], old_probabilities[:, :1]), old_probabilities[:, 1:],
+                         targets[:, n_old:]], dim=1)
+    return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").sum(dim=1).mean()
