@@ -34,6 +34,7 @@ policy (WILSON's warm-up belongs to its localizer's pseudo-label epoch, which th
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -122,6 +123,17 @@ def _atomic_save(obj, path: Path) -> None:
     temporary = path.with_name(path.name + ".tmp")
     torch.save(obj, temporary)
     os.replace(temporary, path)
+
+
+@contextlib.contextmanager
+def stage_random_state(seed: int, device: str = "cpu"):
+    """torch's random state forked and seeded for a network of the stage (initialisation, dropout):
+    the same network whatever ran before in the process, and the caller's random numbers untouched
+    (the same whether the stage runs or comes from the cache)."""
+    devices = [torch.cuda.current_device()] if device.startswith("cuda") else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 def train_stage_network(network: nn.Module, loss: Callable, dataset: Dataset, groups: list[dict], *, epochs: int,
@@ -275,6 +287,7 @@ class WeakBaseline(Method):
     stage_lr: float = 0.01
     stage_new_layer_lr_factor: float = 10.0   # layers not in the ImageNet encoder
     stage_weight_decay: float = 5e-4
+    stage_poly_power: float = 0.9             # the repositories' PolyOptimizer; 0: constant lr (SS)
     inference_scales: list = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0])
     inference_flip: bool = True
 
@@ -357,21 +370,26 @@ class WeakBaseline(Method):
 
     def train_classifier(self, context: StepContext, directory: Path) -> nn.Module:
         """Stage (1): the classifier trained on the step's images and image labels; saved as
-        classifier.pt (kept for the qualitative figure's pseudo-masks of test images)."""
+        classifier.pt (kept for the qualitative figure's pseudo-masks of test images). Its
+        initialisation and dropout draw from their own generator, seeded with (seed + step): the
+        same classifier whatever ran before in the process, and the step's own random numbers the
+        same whether the stage ran or came from the cache."""
         final = Path(directory) / CLASSIFIER
         num_classes = len(self.stage_classes(context.steps, context.step))
-        classifier = self.build_classifier(num_classes)
         device = self.stage_device(context.config)
-        if final.exists():
-            classifier.load_state_dict(torch.load(final, map_location="cpu", weights_only=True))
-            return classifier.to(device).eval()
-        train_stage_network(
-            classifier, self.classifier_loss, self.stage_dataset(context),
-            self.classifier_parameter_groups(classifier, self.stage_lr), epochs=self.stage_epochs,
-            batch_size=self.stage_batch_size, seed=context.config.seed + context.step,
-            checkpoint=Path(directory) / "classifier-training.pt", weight_decay=self.stage_weight_decay,
-            device=device, autocast_dtype=self.stage_autocast(context.config),
-            description=f"{self.name} step {context.step}: classifier", progress=context.config.trainer.progress)
+        seed = context.config.seed + context.step
+        with stage_random_state(seed, device):
+            classifier = self.build_classifier(num_classes)
+            if final.exists():
+                classifier.load_state_dict(torch.load(final, map_location="cpu", weights_only=True))
+                return classifier.to(device).eval()
+            train_stage_network(
+                classifier, self.classifier_loss, self.stage_dataset(context),
+                self.classifier_parameter_groups(classifier, self.stage_lr), epochs=self.stage_epochs,
+                batch_size=self.stage_batch_size, seed=seed, checkpoint=Path(directory) / "classifier-training.pt",
+                weight_decay=self.stage_weight_decay, poly_power=self.stage_poly_power, device=device,
+                autocast_dtype=self.stage_autocast(context.config),
+                description=f"{self.name} step {context.step}: classifier", progress=context.config.trainer.progress)
         _atomic_save(classifier.state_dict(), final)
         return classifier.eval()
 
