@@ -25,6 +25,9 @@ $(STAMP): pyproject.toml constraints.txt scripts/setup_torchvision.py scripts/_t
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -c constraints.txt "$(TORCH_PIN)" -e '.[test]' 2>&1 | { $(PIP_NOISE); }
 	$(PY) scripts/setup_torchvision.py
+# SEAM's dense CRF (sdist only: built here with g++ and the Python headers); optional
+	$(PY) -m pip install --quiet -c constraints.txt pydensecrf2==1.1 > $(VENV)/pydensecrf2-build.log 2>&1 \
+		|| echo "pydensecrf2 did not build (needs g++ and the Python headers; $(VENV)/pydensecrf2-build.log): SEAM will stop with one line; every other method works"
 	touch $@
 
 run: setup

@@ -20,6 +20,20 @@ TINY_OVERRIDES = [
 ]
 
 
+def tiny_weak_baseline(cls, crop_size: int = 32) -> dict:
+    """Hyper-parameters that shrink an image-label baseline's stage to seconds (a tiny classifier
+    from scratch, one epoch, one inference scale), for the fields the method has. EPS's saliency
+    is computed (the generated trees have no SALImages/)."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(cls)}
+    tiny = {"classifier_encoder": "tu-resnet10t", "classifier_encoder_depth": 3, "classifier_encoder_weights": None,
+            "stage_epochs": 1, "stage_crop_size": crop_size, "stage_batch_size": 4, "inference_scales": [1.0],
+            "affinity_epochs": 1, "affinity_batch_size": 4, "inference_pad_size": [2 * crop_size, 2 * crop_size],
+            "decoder_channels": 16, "saliency": "spectral_residual"}
+    return {k: v for k, v in tiny.items() if k in fields}
+
+
 @pytest.fixture
 def tiny_config(tmp_path):
     """The default experiment shrunk to seconds: tiny synthetic data, tiny network, 1 epoch."""

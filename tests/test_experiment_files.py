@@ -18,8 +18,9 @@ from datamodules.tasks import NUM_FOREGROUND, task_classes
 from experiments import run
 from experiments.config import experiment_names, load_experiment, resolve
 from experiments.store import run_directory
-from lightning_modules.methods import build_method
-from tests.conftest import write_voc_tree
+from lightning_modules.methods import METHODS, build_method
+from lightning_modules.methods.weak_baseline import WeakBaseline
+from tests.conftest import tiny_weak_baseline, write_voc_tree
 from tests.fake_coco import make_coco_voc_tree
 
 SIZE = 32
@@ -93,9 +94,19 @@ def smoke_config(name: str, data_root, tmp_path):
                          "atrous_rates": [2, 4, 6], "decoder_channels": 16, "aspp_dropout": 0.0,
                          "encoder_weights": None}
     config["schedule"] = {"step0": {"epochs": 1, "lr": 0.01}, "incremental": {"epochs": 1, "lr": 0.001}}
-    for entry in (config.get("methods") or {}).values():
+    # The image-label baselines run where the file reports them (WILSON's settings, the every-method
+    # file); the files that only inherit them run the same entries on other tasks: skipped there to
+    # keep the tier short (their stages run on every task of the files that keep them).
+    reported = set(((config.get("expected") or {}).get("methods") or {}))
+    inherited = set(load_experiment(config["based_on"]).get("methods") or {}) if config.get("based_on") else set()
+    for name in list(config.get("methods") or {}):
+        if name in METHODS and issubclass(METHODS[name], WeakBaseline) and name in inherited - reported:
+            del config["methods"][name]
+    for name, entry in (config.get("methods") or {}).items():
         if entry and "schedule" in entry:
             entry["schedule"] = {phase: {**schedule, "epochs": 1} for phase, schedule in entry["schedule"].items()}
+        if name in METHODS and issubclass(METHODS[name], WeakBaseline):
+            config["methods"][name] = {**(entry or {}), **tiny_weak_baseline(METHODS[name], SIZE)}
     config["trainer"] = {**(config.get("trainer") or {}), "devices": 1, "limit_train_batches": 2,
                          "limit_test_batches": 1, "accelerator": "cpu"}
     config["logger"] = {"wandb": "disabled", "project": "ciss"}

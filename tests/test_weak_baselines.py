@@ -354,3 +354,27 @@ def test_a_kill_during_the_stage_resumes_to_the_uninterrupted_result(tmp_path):
     assert reference_masks and [p.name for p in reference_masks] == sorted(p.name for p in (killed_dir / "masks").glob("*.png"))
     for path in reference_masks:
         np.testing.assert_array_equal(load_mask(killed_dir / "masks" / path.name), load_mask(path))
+
+
+def test_eps_reads_saliency_from_salimages_and_says_where_when_there_is_none(tiny_config):
+    from PIL import Image
+
+    config = _weak_config(tiny_config, "eps", saliency="files")
+    run_config, method, steps, network, old = _step1(config, "eps")
+    datamodule = build_datamodule(run_config, method, steps, 1)
+    datamodule.setup("fit")
+    ctx = StepContext(config=run_config, steps=steps, step=1, datamodule=datamodule, old_network=old)
+    with pytest.raises(FileNotFoundError, match=r"EPS needs saliency maps: .*SALImages"):
+        method.stage_maps(ctx)
+    # the WILSON/EPS layout: JPEGImages/<id>.jpg -> SALImages/<id>.png
+    files = datamodule.located.train
+    for row in datamodule.train_indices:
+        image = Path(files.images[int(row)])
+        target = image.parent.parent / "SALImages" / f"{image.stem}.png"
+        target.parent.mkdir(exist_ok=True)
+        Image.fromarray(np.full((40, 40), 200, np.uint8)).save(target)
+    paths = method.stage_maps(ctx)["saliency"]
+    dataset = method.stage_dataset(ctx)
+    item = dataset[(0, 0)]
+    assert paths[int(datamodule.train_indices[0])].parent.name == "SALImages"
+    assert item["saliency"].shape == item["image"].shape[1:] and int(item["saliency"].max()) == 200

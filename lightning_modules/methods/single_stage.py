@@ -178,19 +178,21 @@ class SingleStageNet(nn.Module):
     """stage_net.py SoftMaxAE on an smp/timm encoder; forward(images) -> (B, K + 1, H/4, W/4)
     logits, channel 0 the constant background logit 1."""
 
-    def __init__(self, encoder: nn.Module, num_classes: int, psi: float = 0.3, frozen_backbone: bool = True):
+    def __init__(self, encoder: nn.Module, num_classes: int, psi: float = 0.3, frozen_backbone: bool = True,
+                 channels: int = 256):
         super().__init__()
         if len(encoder.out_channels) < 4:
             raise ValueError("SS needs an encoder of depth >= 3 (a stride-4 stage and a deeper one)")
         self.encoder = encoder
         shallow, deep = encoder.out_channels[2], encoder.out_channels[-1]
-        self.aspp = ASPP(deep)
+        self.aspp = ASPP(deep, channels=channels)
         self.fc8_skip = _conv_bn_relu(shallow, 48, 1)
-        self.fc8_x = _conv_bn_relu(256 + 48, 256, 3)
-        self.gci = GlobalCueInjection(shallow)
+        self.fc8_x = _conv_bn_relu(channels + 48, channels, 3)
+        self.gci = GlobalCueInjection(shallow, channels, channels)
         self.sg = StochasticGate(psi)
-        self.last_conv = nn.Sequential(_conv_bn_relu(256, 256, 3), nn.Dropout(0.5), _conv_bn_relu(256, 256, 3),
-                                       nn.Dropout(0.1), _conv(256, num_classes, 1))
+        self.last_conv = nn.Sequential(_conv_bn_relu(channels, channels, 3), nn.Dropout(0.5),
+                                       _conv_bn_relu(channels, channels, 3), nn.Dropout(0.1),
+                                       _conv(channels, num_classes, 1))
         self._fixed_norms: list[nn.Module] = []
         if frozen_backbone:
             root = getattr(encoder, "model", encoder)   # timm encoders inside smp keep the network in .model
@@ -248,6 +250,7 @@ class SingleStage(WeakBaseline):
     classifier_output_stride: int = 16
     classifier_dilate_last_stage: bool = False
     frozen_backbone: bool = True                # conv1/bn1 and the backbone BNs fixed, ASPP BN statistics fixed
+    decoder_channels: int = 256                 # ASPP, decoder, GCI and last_conv width (the code's 256)
     # configs/voc_resnet50.yaml (voc_resnet101.yaml: the same but NET.LR 0.001)
     stage_epochs: int = 20                      # TRAIN.NUM_EPOCHS
     stage_batch_size: int = 16                  # TRAIN.BATCH_SIZE
@@ -277,7 +280,7 @@ class SingleStage(WeakBaseline):
                                            self.classifier_output_stride, self.classifier_encoder_weights)
         if not self.classifier_dilate_last_stage:
             undilate(encoder)
-        return SingleStageNet(encoder, num_classes, self.sg_psi, self.frozen_backbone)
+        return SingleStageNet(encoder, num_classes, self.sg_psi, self.frozen_backbone, self.decoder_channels)
 
     def classifier_parameter_groups(self, classifier: nn.Module, lr: float) -> list[dict]:
         """BaseNet.parameter_groups: backbone weights (lr, weight decay), backbone biases (lr, no

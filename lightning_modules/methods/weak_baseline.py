@@ -35,6 +35,7 @@ policy (WILSON's warm-up belongs to its localizer's pseudo-label epoch, which th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -223,19 +224,18 @@ def mask_path(directory: Path, image_id: str) -> Path:
 def multiscale_maps(forward: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, scales, flip: bool = True) -> torch.Tensor:
     """sum over scales (and horizontal flips) of forward(resized image) -> (1, K, h, w) maps,
     each upsampled bilinearly (align_corners=False) to the image's size: (K, H, W). The images
-    are resized bilinearly (the repositories resize with PIL/cv2 bilinear)."""
+    are resized bilinearly (the repositories resize with PIL/cv2 bilinear or bicubic). A view and
+    its flip go through `forward` as one batch of two (the networks are in eval mode: the same maps)."""
     height, width = image.shape[-2:]
     total = None
     for scale in scales:
         size = (max(1, int(round(height * scale))), max(1, int(round(width * scale))))
         resized = image if size == (height, width) else F.interpolate(image, size=size, mode="bilinear", align_corners=False)
-        views = [resized, resized.flip(-1)] if flip else [resized]
-        for v, view in enumerate(views):
-            maps = forward(view).float()
-            if v == 1:
-                maps = maps.flip(-1)
-            maps = F.interpolate(maps, size=(height, width), mode="bilinear", align_corners=False)[0]
-            total = maps if total is None else total + maps
+        maps = forward(torch.cat([resized, resized.flip(-1)]) if flip else resized).float()
+        if flip:
+            maps = maps[:1] + maps[1:].flip(-1)
+        maps = F.interpolate(maps, size=(height, width), mode="bilinear", align_corners=False)[0]
+        total = maps if total is None else total + maps
     return total
 
 
@@ -321,6 +321,11 @@ class WeakBaseline(Method):
         return [{"params": encoder, "lr": lr}, {"params": rest, "lr": lr * self.stage_new_layer_lr_factor}]
 
     # --- the stage ---------------------------------------------------------------------------------
+    def without_pretrained_weights(self) -> "WeakBaseline":
+        """This method with classifier_encoder_weights None: for networks about to receive a saved
+        state (no ImageNet download for them)."""
+        return dataclasses.replace(self, classifier_encoder_weights=None)
+
     def stage_classes(self, steps, step: int) -> list[int]:
         """The dataset ids the classifier learns: the step's new classes, or every seen
         foreground class with old_image_labels (in channel order)."""
@@ -378,11 +383,12 @@ class WeakBaseline(Method):
         num_classes = len(self.stage_classes(context.steps, context.step))
         device = self.stage_device(context.config)
         seed = context.config.seed + context.step
+        if final.exists():
+            classifier = self.without_pretrained_weights().build_classifier(num_classes)
+            classifier.load_state_dict(torch.load(final, map_location="cpu", weights_only=True))
+            return classifier.to(device).eval()
         with stage_random_state(seed, device):
             classifier = self.build_classifier(num_classes)
-            if final.exists():
-                classifier.load_state_dict(torch.load(final, map_location="cpu", weights_only=True))
-                return classifier.to(device).eval()
             train_stage_network(
                 classifier, self.classifier_loss, self.stage_dataset(context),
                 self.classifier_parameter_groups(classifier, self.stage_lr), epochs=self.stage_epochs,
@@ -398,10 +404,12 @@ class WeakBaseline(Method):
         image with the baseline's inference (whole image, no crop)."""
         directory = Path(directory)
         classifier = self.train_classifier(context, directory)
-        self.write_pseudo_masks(context, directory, lambda image, labels: self.infer(classifier, image, labels))
+        self.write_pseudo_masks(context, directory, lambda image, labels, row: self.infer(classifier, image, labels))
 
     def write_pseudo_masks(self, context: StepContext, directory: Path,
-                           infer: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+                           infer: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]) -> None:
+        """infer(image (1, 3, H, W), labels (K,), train row) -> (H, W) ids in 0..K or 255, written as
+        dataset ids for every training image of the step."""
         dm = context.datamodule
         classes = np.asarray([0, *self.stage_classes(context.steps, context.step)] + [255] * (256 - 1 - len(
             self.stage_classes(context.steps, context.step))), dtype=np.uint8)
@@ -414,7 +422,7 @@ class WeakBaseline(Method):
         def make_mask(row: int) -> np.ndarray:
             image = full_image(dm.located.train, row).to(device)
             with torch.autocast(device_type=device, dtype=autocast, enabled=autocast is not None):
-                ids = infer(image, torch.from_numpy(labels[position[row]]).to(device))
+                ids = infer(image, torch.from_numpy(labels[position[row]]).to(device), row)
             return classes[ids.cpu().numpy().astype(np.int64)]
 
         write_masks(directory, dm.located.train, dm.train_indices, make_mask,
@@ -454,7 +462,7 @@ class WeakBaseline(Method):
         if self.stage_dir is None or not (self.stage_dir / CLASSIFIER).exists():
             return None
         if self._classifier is None:
-            classifier = self.build_classifier(len(self.stage_classes(steps, step)))
+            classifier = self.without_pretrained_weights().build_classifier(len(self.stage_classes(steps, step)))
             classifier.load_state_dict(torch.load(self.stage_dir / CLASSIFIER, map_location="cpu", weights_only=True))
             self._classifier = classifier.eval()
         return self._classifier.to(device)
