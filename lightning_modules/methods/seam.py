@@ -104,11 +104,10 @@ from torch.utils.data import Dataset
 from datamodules.datasets.voc import load_image
 from datamodules.incremental import DECODED
 from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
-from lightning_modules.methods.weak_baseline import (WeakBaseline, _atomic_save, build_classifier_encoder, full_image,
-                                                     multiscale_maps, stage_random_state, train_stage_network)
+from lightning_modules.methods.weak_baseline import WeakBaseline, build_classifier_encoder, full_image, multiscale_maps
 
 AFFINITY = "affinity.pt"
-AFFINITY_TRAINING = "affinity-training.pt"
+AFFINITY_TRAINING = "affinity-training.pt"   # WeakBaseline.trained_network's "<name>-training.pt" for "affinity"
 CRF_SCORES = "crf"
 
 # tool/imutils.py crf_inference
@@ -655,35 +654,27 @@ class SEAM(WeakBaseline):
 
     def train_affinity_net(self, context, directory: Path) -> nn.Module:
         """Phase 3: the AffinityNet on the CRF labels; affinity.pt, resumable (affinity-training.pt).
-        Initialisation and random state as the classifier's (train_classifier): seeded with
-        (seed + step), so its encoder starts where the classifier's did (the repository starts both
-        from the same ImageNet weights)."""
-        final = Path(directory) / AFFINITY
-        device = self.stage_device(context.config)
-        seed = context.config.seed + context.step
-        if final.exists():
-            network = self.without_pretrained_weights().build_affinity_net()
-            network.load_state_dict(torch.load(final, map_location="cpu", weights_only=True))
-            return network.to(device).eval()
-        with stage_random_state(seed, device):
-            network = self.build_affinity_net()
-            dm = context.datamodule
-            dataset = AffinityImages(dm.located.train, dm.train_indices, directory, self.affinity_crop,
-                                     self.classifier_output_stride, seed=seed,
-                                     cache_decoded=context.config.data.cache_decoded)
+        Initialisation and random state as the classifier's (WeakBaseline.trained_network): seeded
+        with (seed + step), so its encoder starts where the classifier's did (the repository starts
+        both from the same ImageNet weights)."""
+        dm = context.datamodule
+
+        def dataset():
+            return AffinityImages(dm.located.train, dm.train_indices, directory, self.affinity_crop,
+                                  self.classifier_output_stride, seed=context.config.seed + context.step,
+                                  cache_decoded=context.config.data.cache_decoded)
+
+        def groups(network):
             encoder = list(network.encoder.parameters())
             ids = {id(p) for p in encoder}
-            groups = [{"params": encoder, "lr": self.affinity_lr},
-                      {"params": [p for p in network.parameters() if id(p) not in ids],
-                       "lr": self.affinity_lr * self.stage_new_layer_lr_factor}]
-            train_stage_network(
-                network, self.affinity_stage_loss, dataset, groups, epochs=self.affinity_epochs,
-                batch_size=self.affinity_batch_size, seed=seed, checkpoint=Path(directory) / AFFINITY_TRAINING,
-                weight_decay=self.affinity_weight_decay, poly_power=self.stage_poly_power, device=device,
-                autocast_dtype=self.stage_autocast(context.config),
-                description=f"{self.name} step {context.step}: AffinityNet", progress=context.config.trainer.progress)
-        _atomic_save(network.state_dict(), final)
-        return network.eval()
+            return [{"params": encoder, "lr": self.affinity_lr},
+                    {"params": [p for p in network.parameters() if id(p) not in ids],
+                     "lr": self.affinity_lr * self.stage_new_layer_lr_factor}]
+
+        return self.trained_network(
+            context, directory, "affinity", lambda method: method.build_affinity_net(), self.affinity_stage_loss,
+            dataset, groups, epochs=self.affinity_epochs, batch_size=self.affinity_batch_size,
+            weight_decay=self.affinity_weight_decay, final=AFFINITY)
 
     def run_stage(self, context, directory) -> None:
         """Classifier, CAMs + CRF scores of every training image, AffinityNet, random-walk masks."""

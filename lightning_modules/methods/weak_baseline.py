@@ -140,7 +140,7 @@ def stage_random_state(seed: int, device: str = "cpu"):
 def train_stage_network(network: nn.Module, loss: Callable, dataset: Dataset, groups: list[dict], *, epochs: int,
                         batch_size: int, seed: int, checkpoint: Path, momentum: float = 0.9, weight_decay: float = 5e-4,
                         poly_power: float = 0.9, device: str = "cpu", autocast_dtype=None,
-                        description: str = "stage", progress: str = "auto") -> nn.Module:
+                        description: str = "stage", progress: str = "auto", num_workers: int = 0) -> nn.Module:
     """SGD with poly decay over `epochs`, as the WSSS repositories train (their PolyOptimizer):
     loss(network, batch, StageProgress) -> (loss, terms). The epoch order and augmentation are
     functions of (seed, epoch, image) (EpochTrainingSampler); after every epoch the network,
@@ -155,7 +155,8 @@ def train_stage_network(network: nn.Module, loss: Callable, dataset: Dataset, gr
     if batch < 2:
         raise ValueError(f"{description}: {len(dataset)} training images; at least 2 are needed (batch norm)")
     sampler = EpochTrainingSampler(len(dataset), batch, seed)
-    loader = DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=0)
+    loader = DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=num_workers,
+                        pin_memory=device.startswith("cuda"))
     network.to(device)
     optimizer = torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=momentum, weight_decay=weight_decay)
     for group in optimizer.param_groups:
@@ -364,7 +365,14 @@ class WeakBaseline(Method):
         return "cuda" if on_gpu(config.trainer.accelerator) and torch.cuda.is_available() else "cpu"
 
     def stage_autocast(self, config):
+        """bf16 autocast when the run trains in bf16-mixed; otherwise fp32 (16-mixed included: fp16
+        would need a gradient scaler, which the stage does not have)."""
         return torch.bfloat16 if self._autocast_name(config) == "bf16-mixed" else None
+
+    def stage_workers(self, config) -> int:
+        from experiments.distributed import loader_workers
+
+        return loader_workers(config.data.num_workers)
 
     def stage_dataset(self, context: StepContext) -> StageImages:
         dm = context.datamodule
@@ -375,29 +383,40 @@ class WeakBaseline(Method):
 
     def train_classifier(self, context: StepContext, directory: Path) -> nn.Module:
         """Stage (1): the classifier trained on the step's images and image labels; saved as
-        classifier.pt (kept for the qualitative figure's pseudo-masks of test images). Its
-        initialisation and dropout draw from their own generator, seeded with (seed + step): the
-        same classifier whatever ran before in the process, and the step's own random numbers the
-        same whether the stage ran or came from the cache."""
-        final = Path(directory) / CLASSIFIER
+        classifier.pt (kept for the qualitative figure's pseudo-masks of test images)."""
         num_classes = len(self.stage_classes(context.steps, context.step))
+        return self.trained_network(
+            context, directory, "classifier", lambda method: method.build_classifier(num_classes),
+            self.classifier_loss, lambda: self.stage_dataset(context),
+            lambda network: self.classifier_parameter_groups(network, self.stage_lr), epochs=self.stage_epochs,
+            batch_size=self.stage_batch_size, weight_decay=self.stage_weight_decay, final=CLASSIFIER)
+
+    def trained_network(self, context: StepContext, directory: Path, name: str, build: Callable, loss: Callable,
+                        dataset: Callable[[], Dataset], parameter_groups: Callable, *, epochs: int, batch_size: int,
+                        weight_decay: float, final: str) -> nn.Module:
+        """A network of the stage, trained once: `final` in the stage directory when it is there
+        (built without ImageNet weights, then loaded), else build(method) trained with
+        train_stage_network (resumable from <name>-training.pt) and saved as `final`. Its
+        initialisation and dropout draw from their own generator, seeded with (seed + step): the
+        same network whatever ran before in the process, and the step's own random numbers the same
+        whether the stage ran or came from the cache."""
+        path = Path(directory) / final
         device = self.stage_device(context.config)
+        if path.exists():
+            network = build(self.without_pretrained_weights())
+            network.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            return network.to(device).eval()
         seed = context.config.seed + context.step
-        if final.exists():
-            classifier = self.without_pretrained_weights().build_classifier(num_classes)
-            classifier.load_state_dict(torch.load(final, map_location="cpu", weights_only=True))
-            return classifier.to(device).eval()
         with stage_random_state(seed, device):
-            classifier = self.build_classifier(num_classes)
+            network = build(self)
             train_stage_network(
-                classifier, self.classifier_loss, self.stage_dataset(context),
-                self.classifier_parameter_groups(classifier, self.stage_lr), epochs=self.stage_epochs,
-                batch_size=self.stage_batch_size, seed=seed, checkpoint=Path(directory) / "classifier-training.pt",
-                weight_decay=self.stage_weight_decay, poly_power=self.stage_poly_power, device=device,
-                autocast_dtype=self.stage_autocast(context.config),
-                description=f"{self.name} step {context.step}: classifier", progress=context.config.trainer.progress)
-        _atomic_save(classifier.state_dict(), final)
-        return classifier.eval()
+                network, loss, dataset(), parameter_groups(network), epochs=epochs, batch_size=batch_size, seed=seed,
+                checkpoint=Path(directory) / f"{name}-training.pt", weight_decay=weight_decay,
+                poly_power=self.stage_poly_power, device=device, autocast_dtype=self.stage_autocast(context.config),
+                description=f"{self.name} step {context.step}: {name}", progress=context.config.trainer.progress,
+                num_workers=self.stage_workers(context.config))
+        _atomic_save(network.state_dict(), path)
+        return network.eval()
 
     def run_stage(self, context: StepContext, directory) -> None:
         """Stages (1) and (2): train the classifier, then write the pseudo-mask of every training
