@@ -32,6 +32,7 @@ from experiments.reporting.tracking import build_logger, define_task_step_metric
 from experiments.store import RunStore, run_directory
 from experiments.training import build_step, effective_batch, fit_and_test, lr_scale, uses_sync_batchnorm
 from lightning_modules.methods import build_method
+from lightning_modules.methods.base import MethodUnavailable
 from lightning_modules.metrics import summarize_run
 from lightning_modules.module import NonFiniteLoss
 from lightning_modules.network import PretrainedWeightsUnavailable
@@ -152,13 +153,22 @@ def describe_processes(experiment: Experiment) -> None:
 
 
 def run_experiment(experiment: Experiment, steps: list[list[int]] | None = None) -> dict[str, dict]:
-    """Every method of the experiment; `steps` when prepare(experiment) has already run."""
+    """Every method of the experiment; `steps` when prepare(experiment) has already run. A method
+    that cannot run here (MethodUnavailable) is reported in one line and left out; the others run."""
     steps = steps if steps is not None else prepare(experiment)
     started = time.time()
     if is_global_zero():
         describe_processes(experiment)
-    results = {name: run_method(experiment, name, steps) for name in experiment.methods}
-    run_dirs = {name: run_directory(experiment.run_config(name)) for name in experiment.methods}
+    results, unavailable = {}, {}
+    for name in experiment.methods:
+        try:
+            results[name] = run_method(experiment, name, steps)
+        except MethodUnavailable as error:  # this method only: the others still run
+            unavailable[name] = str(error)
+            console.print(f"[red]error:[/] {name}:", escape(str(error)), soft_wrap=True, highlight=False)
+    if unavailable and not results:
+        raise MethodUnavailable("; ".join(f"{name}: {message}" for name, message in unavailable.items()))
+    run_dirs = {name: run_directory(experiment.run_config(name)) for name in results}
     if is_global_zero():  # results, figures and logs: the main process only
         reporting.finish_experiment(experiment, results, run_dirs, console)
         console.print(f"total {time.time() - started:.0f} s; results in {experiment.output_dir}/{experiment.name}/")
@@ -188,11 +198,13 @@ def main(argv: list[str] | None = None) -> int:
         console.print("[red]error:[/]", escape(str(error)), soft_wrap=True, highlight=False)
         return 1
     try:
-        run_experiment(experiment, steps)
+        results = run_experiment(experiment, steps)
+    except MethodUnavailable:
+        return 1   # said in one line per method by run_experiment
     except (PretrainedWeightsUnavailable, NonFiniteLoss, UnreadableSample) as error:
         console.print("[red]error:[/]", escape(str(error)), soft_wrap=True, highlight=False)
         return 1
-    return 0
+    return 0 if set(results) == set(experiment.methods) else 1
 
 
 if __name__ == "__main__":

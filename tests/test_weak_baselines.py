@@ -23,7 +23,7 @@ from experiments.stages import run_stage_once, stage_directory
 from experiments.training import build_datamodule, build_step
 from lightning_modules.losses import pseudo_mask_bce
 from lightning_modules.methods import build_method
-from lightning_modules.methods.base import StepContext
+from lightning_modules.methods.base import MethodUnavailable, StepContext
 from lightning_modules.methods.cam import CAMClassifier, cam_pseudo_mask
 from lightning_modules.methods.eps import eps_saliency_loss, spectral_residual_saliency
 from lightning_modules.methods.weak_baseline import multiscale_maps
@@ -294,7 +294,7 @@ from experiments.config import apply_overrides, load_experiment, resolve
 from experiments.stages import run_stage_once
 from experiments.training import build_datamodule
 from lightning_modules.methods import build_method
-from lightning_modules.methods.base import StepContext
+from lightning_modules.methods.base import MethodUnavailable, StepContext
 overrides = json.loads(sys.argv[1])
 config = resolve(apply_overrides(load_experiment("synthetic_15_5_disjoint"), overrides)).run_config("cam")
 method = build_method("cam", **config.hparams)
@@ -364,8 +364,10 @@ def test_eps_reads_saliency_from_salimages_and_says_where_when_there_is_none(tin
     datamodule = build_datamodule(run_config, method, steps, 1)
     datamodule.setup("fit")
     ctx = StepContext(config=run_config, steps=steps, step=1, datamodule=datamodule, old_network=old)
-    with pytest.raises(FileNotFoundError, match=r"EPS needs saliency maps: .*SALImages"):
+    with pytest.raises(MethodUnavailable, match=r"EPS needs saliency maps: .*SALImages"):
         method.stage_maps(ctx)
+    with pytest.raises(MethodUnavailable):   # every process meets it, before any stage runs
+        stage_directory(method, ctx, run_config.cache_dir)
     # the WILSON/EPS layout: JPEGImages/<id>.jpg -> SALImages/<id>.png
     files = datamodule.located.train
     for row in datamodule.train_indices:
@@ -378,3 +380,15 @@ def test_eps_reads_saliency_from_salimages_and_says_where_when_there_is_none(tin
     item = dataset[(0, 0)]
     assert paths[int(datamodule.train_indices[0])].parent.name == "SALImages"
     assert item["saliency"].shape == item["image"].shape[1:] and int(item["saliency"].max()) == 200
+
+
+def test_a_method_that_cannot_run_here_stops_alone_in_one_line(tiny_config, capsys):
+    from experiments import run
+
+    entry = ", ".join(f"{k}: {json.dumps(v)}" for k, v in SMALL_CLASSIFIER.items())
+    config = apply_overrides(tiny_config, [f"methods={{eps: {{saliency: files, {entry}}}, cam: {{{entry}}}}}",
+                                           "trainer.precision=32-true"])
+    results = run.run_experiment(config)
+    assert set(results) == {"cam"} and results["cam"]["complete"]   # the other method still ran
+    out = capsys.readouterr().out.replace("\n", " ")
+    assert "error: eps: EPS needs saliency maps" in out and "Traceback" not in out

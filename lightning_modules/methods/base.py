@@ -44,6 +44,13 @@ if TYPE_CHECKING:
     from lightning_modules.network import SegmentationNetwork
 
 
+class MethodUnavailable(RuntimeError):
+    """A method that cannot run here (an input it needs is missing, or an optional package): one
+    line saying what and how to get it. experiments.run stops that method only; the other methods
+    of the experiment still run. Raise it where every process meets it (e.g. in stage_key), so that
+    no process waits for another that has stopped."""
+
+
 @dataclass
 class StepContext:
     """What the stage and data hooks of a step may use. `datamodule` is the step's

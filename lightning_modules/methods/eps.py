@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -37,10 +38,9 @@ from PIL import Image
 from torch import nn
 
 from datamodules.datasets.voc import load_image
+from lightning_modules.methods.base import MethodUnavailable
 from lightning_modules.methods.weak_baseline import (WeakBaseline, build_classifier_encoder, max_normalised,
                                                      multiscale_maps, threshold_background)
-
-SALIENCY_SOURCES = ("files", "spectral_residual")
 
 
 class EPSClassifier(nn.Module):
@@ -116,17 +116,25 @@ class EPS(WeakBaseline):
     tau: float = 0.4                    # script/voc12_eps.sh --tau (main.py's default is 0.5)
     lam: float = 0.5                    # --lam
     background_score: float = 0.20      # infer.py --thr
-    saliency: str = "files"             # "files": SALImages/ (PFAN); "spectral_residual": computed (embedded)
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.saliency not in SALIENCY_SOURCES:
-            raise ValueError(f"eps.saliency must be one of {SALIENCY_SOURCES}, not {self.saliency!r}")
+    saliency: Literal["files", "spectral_residual"] = "files"   # SALImages/ (PFAN) or computed (embedded)
 
     def build_classifier(self, num_classes: int) -> nn.Module:
         encoder = build_classifier_encoder(self.classifier_encoder, self.classifier_encoder_depth,
                                            self.classifier_output_stride, self.classifier_encoder_weights)
         return EPSClassifier(encoder, num_classes)
+
+    def stage_requirements(self, context) -> None:
+        """The SALImages/ maps of every training image of the step (saliency: files)."""
+        if self.saliency != "files":
+            return
+        dm = context.datamodule
+        paths = [saliency_file(dm.located.train.images[int(r)]) for r in dm.train_indices]
+        missing = [p for p in paths if not p.exists()]
+        if missing:
+            raise MethodUnavailable(
+                f"EPS needs saliency maps: {len(missing)} of the step's {len(paths)} images have none, e.g. "
+                f"{missing[0]} (expected in {missing[0].parent}/: the PFAN maps the EPS authors distribute, README "
+                "'EPS saliency'), or set methods.eps.saliency=spectral_residual")
 
     def stage_maps(self, context) -> dict[str, list[Path]]:
         """One saliency map per train row: SALImages/ files, or spectral-residual maps written into
@@ -134,14 +142,8 @@ class EPS(WeakBaseline):
         dm = context.datamodule
         files = dm.located.train
         if self.saliency == "files":
-            paths = [saliency_file(p) for p in files.images]
-            missing = [paths[int(r)] for r in dm.train_indices if not paths[int(r)].exists()]
-            if missing:
-                raise FileNotFoundError(
-                    f"EPS needs saliency maps: {len(missing)} of the step's {len(dm.train_indices)} images have none, "
-                    f"e.g. {missing[0]} (expected in {missing[0].parent}/, the PFAN maps the EPS authors distribute; "
-                    "README 'EPS saliency'), or set methods.eps.saliency=spectral_residual")
-            return {"saliency": paths}
+            self.stage_requirements(context)
+            return {"saliency": [saliency_file(p) for p in files.images]}
         directory = Path(context.stage_directory) / "saliency"
         directory.mkdir(parents=True, exist_ok=True)
         paths = [directory / f"{str(i).replace('/', '__')}.png" for i in files.ids]

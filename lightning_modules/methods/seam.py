@@ -104,6 +104,7 @@ from torch.utils.data import Dataset
 from datamodules.datasets.voc import load_image
 from datamodules.incremental import DECODED
 from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
+from lightning_modules.methods.base import MethodUnavailable
 from lightning_modules.methods.weak_baseline import WeakBaseline, build_classifier_encoder, full_image, multiscale_maps
 
 AFFINITY = "affinity.pt"
@@ -254,7 +255,7 @@ def require_pydensecrf():
         import pydensecrf.densecrf as dcrf
         from pydensecrf.utils import unary_from_softmax
     except ImportError:
-        raise RuntimeError(PYDENSECRF_MISSING) from None
+        raise MethodUnavailable(PYDENSECRF_MISSING) from None
     return dcrf, unary_from_softmax
 
 
@@ -500,6 +501,9 @@ class SEAM(WeakBaseline):
     def __post_init__(self):
         super().__post_init__()
         self._affinity: nn.Module | None = None
+
+    def stage_requirements(self, context) -> None:
+        require_pydensecrf()
 
     # --- the classifier ---------------------------------------------------------------------------
     def _encoder(self):

@@ -341,7 +341,12 @@ class WeakBaseline(Method):
         presence = dm.train_presence[dm.train_indices]
         return np.ascontiguousarray(presence[:, [c - 1 for c in classes]]).astype(np.float32)
 
+    def stage_requirements(self, context: StepContext) -> None:
+        """Raise MethodUnavailable when something the stage needs is missing (EPS's saliency maps,
+        SEAM's dense CRF). Checked by every process in stage_key, before the stage runs."""
+
     def stage_key(self, context: StepContext) -> dict:
+        self.stage_requirements(context)
         dm, config = context.datamodule, context.config
         rows = np.asarray(dm.train_indices, dtype=np.int64)
         ids = [str(dm.located.train.ids[int(r)]) for r in rows]
