@@ -19,11 +19,11 @@ Not yet part of the configuration (issue 14: the network section will take a sec
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lightning_modules.network import SegmentationNetwork
 
 
 class MaskLayerNorm(nn.Module):
@@ -161,12 +161,6 @@ class SegmenterNetwork(nn.Module):
                 "decoder": [p for p in self.decoder.parameters() if id(p) not in embeddings | norms],
                 "classifier": list(self.decoder.class_embeddings.parameters()) + list(self.decoder.mask_norm.parameters())}
 
-    # --- the old model and the saved form --------------------------------------------------------
-    def frozen_copy(self) -> "SegmenterNetwork":
-        old = copy.deepcopy(self)
-        old.eval()
-        old.requires_grad_(False)
-        return old
-
-    def state(self) -> dict:
-        return {"state_dict": self.state_dict(), "classes_per_step": self.classes_per_step}
+    # --- the old model and the saved form: as the DeepLab network's ----------------------------
+    frozen_copy = SegmentationNetwork.frozen_copy
+    state = SegmentationNetwork.state

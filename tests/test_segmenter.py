@@ -70,3 +70,12 @@ def test_parameter_groups_cover_every_parameter_once():
     groups = network.parameter_groups()
     ids = [id(p) for group in groups.values() for p in group]
     assert len(ids) == len(set(ids)) == len(list(network.parameters()))
+
+
+def test_frozen_copy_and_saved_form():
+    network = _network([4, 2])
+    old = network.frozen_copy()
+    assert not old.training and not any(p.requires_grad for p in old.parameters())
+    images = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(old(images)["logits"], network(images)["logits"])
+    assert network.state()["classes_per_step"] == [4, 2]

@@ -17,6 +17,7 @@ import torch
 from datamodules.datasets.voc import load_image, load_mask
 from datamodules.labels import new_class_labels
 from datamodules.transforms import eval_transform
+from experiments.reporting.qualitative import channels_to_dataset_ids
 
 VOID = 255
 
@@ -45,17 +46,20 @@ def iou_from_confusion(confusion: np.ndarray) -> np.ndarray:
         return np.where(union > 0, true_positive / union, np.nan)
 
 
-def summarize(confusion: np.ndarray, classes: list[int], names: dict[int, str] | None = None) -> dict:
+def _mean_percent(values: np.ndarray) -> float | None:
+    values = values[~np.isnan(values)]
+    return float(values.mean() * 100) if len(values) else None
+
+
+def summarize(confusion: np.ndarray, classes: list[int], names: dict[int, str] | None = None,
+              images: int | None = None) -> dict:
+    """IoU per scored label (%), their mean with and without background, the abstained share."""
     iou = iou_from_confusion(confusion)
     names = names or {}
     labels = ["background", *(names.get(c, str(c)) for c in classes)]
-    def mean(values):
-        values = values[~np.isnan(values)]
-        return float(values.mean() * 100) if len(values) else None
     return {"classes": classes, "iou": {n: (None if np.isnan(v) else float(v * 100)) for n, v in zip(labels, iou)},
-            "miou": mean(iou), "new_miou": mean(iou[1:]),
-            "abstained": float(confusion[:, -1].sum() / max(confusion.sum(), 1) * 100),
-            "images": None}
+            "miou": _mean_percent(iou), "new_miou": _mean_percent(iou[1:]),
+            "abstained": float(confusion[:, -1].sum() / max(confusion.sum(), 1) * 100), "images": images}
 
 
 @torch.no_grad()
@@ -64,7 +68,6 @@ def pseudo_label_quality(module, datamodule, names: dict[int, str] | None = None
     method, steps, step = module.method, module.steps, module.step
     classes = [c for c in steps[step] if c != 0]
     files, rows = datamodule.located.train, datamodule.train_indices
-    stored = getattr(method, "stored_pseudo_mask", None)
     transform = eval_transform(0, "full", module.network.output_stride)
     was_training = module.training
     module.eval()
@@ -73,11 +76,8 @@ def pseudo_label_quality(module, datamodule, names: dict[int, str] | None = None
         for row in rows:
             row = int(row)
             truth = load_mask(files.masks[row])
-            if stored is not None:
-                predicted = stored(files.ids[row])
-            else:
-                from experiments.reporting.qualitative import channels_to_dataset_ids
-
+            predicted = method.stored_pseudo_mask(files.ids[row])
+            if predicted is None:
                 image = load_image(files.images[row])
                 tensor = transform(image=image)["image"][None].to(module.device)
                 labels = torch.from_numpy(new_class_labels(datamodule.train_presence[row], steps, step))[None]
@@ -89,6 +89,4 @@ def pseudo_label_quality(module, datamodule, names: dict[int, str] | None = None
             confusion += pseudo_mask_confusion(predicted, truth, classes)
     finally:
         module.train(was_training)
-    summary = summarize(confusion, classes, names)
-    summary["images"] = len(rows)
-    return summary
+    return summarize(confusion, classes, names, images=len(rows))

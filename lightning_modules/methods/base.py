@@ -26,7 +26,7 @@ meets them (every hook has a default that does nothing special):
                     on_train_epoch_start(module), on_before_optimizer_step(module, optimizer)
   across steps      carried state: state_dict() / load_state_dict(); saved with the step's
                     network, in every training checkpoint, and beside a shared step-0 model
-  reporting         pseudo_labels(module, images, new_labels, labels)
+  reporting         pseudo_labels(module, images, new_labels, labels), stored_pseudo_mask(image_id)
 """
 from __future__ import annotations
 
@@ -213,6 +213,12 @@ class Method:
         self.carried = {k: v.clone() for k, v in state.items()}
 
     # --- reporting --------------------------------------------------------------------------------
+    def stored_pseudo_mask(self, image_id: str):
+        """The pseudo-mask a method wrote for one of the step's training images (dataset ids, 255
+        abstained), for the pseudo-label IoU report (experiments.reporting.pseudo_masks); None for
+        methods that make their labels while training (the report then calls pseudo_labels)."""
+        return None
+
     def pseudo_labels(self, module, images: torch.Tensor, new_labels: torch.Tensor,
                       labels: torch.Tensor | None = None) -> torch.Tensor | None:
         """What the method trains the network on at a step t >= 1 when it makes its own labels

@@ -40,7 +40,7 @@ from torch import nn
 from datamodules.datasets.voc import load_image
 from lightning_modules.methods.base import MethodUnavailable
 from lightning_modules.methods.weak_baseline import (WeakBaseline, build_classifier_encoder, max_normalised,
-                                                     multiscale_maps, threshold_background)
+                                                     multiscale_maps, threshold_background, write_per_image)
 
 
 class EPSClassifier(nn.Module):
@@ -145,14 +145,10 @@ class EPS(WeakBaseline):
             self.stage_requirements(context)
             return {"saliency": [saliency_file(p) for p in files.images]}
         directory = Path(context.stage_directory) / "saliency"
-        directory.mkdir(parents=True, exist_ok=True)
         paths = [directory / f"{str(i).replace('/', '__')}.png" for i in files.ids]
-        for row in dm.train_indices:
-            path = paths[int(row)]
-            if not path.exists():
-                temporary = path.with_name(f".{path.stem}.tmp.png")
-                Image.fromarray(spectral_residual_saliency(load_image(files.images[int(row)]))).save(temporary)
-                temporary.replace(path)
+        write_per_image(dm.train_indices, lambda row: paths[row], lambda row, temporary: Image.fromarray(
+            spectral_residual_saliency(load_image(files.images[row]))).save(temporary),
+            f"{self.name} step {context.step}: spectral-residual saliency", context.config.trainer.progress)
         return {"saliency": paths}
 
     def classifier_loss(self, classifier, batch, progress):

@@ -90,7 +90,6 @@ Deviations from the official code, precisely:
 from __future__ import annotations
 
 import math
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,9 +102,10 @@ from torch.utils.data import Dataset
 
 from datamodules.datasets.voc import load_image
 from datamodules.incremental import DECODED
-from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
+from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD, unnormalize
 from lightning_modules.methods.base import MethodUnavailable
-from lightning_modules.methods.weak_baseline import WeakBaseline, build_classifier_encoder, full_image, multiscale_maps
+from lightning_modules.methods.weak_baseline import (WeakBaseline, build_classifier_encoder, full_image, multiscale_maps,
+                                                     write_per_image)
 
 AFFINITY = "affinity.pt"
 AFFINITY_TRAINING = "affinity-training.pt"   # WeakBaseline.trained_network's "<name>-training.pt" for "affinity"
@@ -295,9 +295,7 @@ def confident_labels(low: np.ndarray, high: np.ndarray, no_score: np.ndarray | N
 
 def to_uint8_image(image: torch.Tensor) -> np.ndarray:
     """(1, 3, H, W) ImageNet-normalised -> (H, W, 3) uint8 (the pixels it was made from)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=image.device)[:, None, None]
-    std = torch.tensor(IMAGENET_STD, device=image.device)[:, None, None]
-    pixels = ((image[0].float() * std + mean) * 255.0).round().clamp(0, 255)
+    pixels = (unnormalize(image.float())[0] * 255.0).round().clamp(0, 255)
     return pixels.permute(1, 2, 0).to(torch.uint8).cpu().numpy()
 
 
@@ -610,37 +608,26 @@ class SEAM(WeakBaseline):
     # --- the stage ----------------------------------------------------------------------------------
     def write_crf_scores(self, context, directory: Path, classifier) -> None:
         """Phase 2: the la/ha CRF scores of every training image, crf/<id>.npz (uint8), atomically."""
-        from tqdm.auto import tqdm
-
-        from callbacks.progress import shows_a_bar
-
         dm = context.datamodule
         files = dm.located.train
-        labels = self.stage_labels(context)
+        labels = dict(zip((int(r) for r in dm.train_indices), self.stage_labels(context)))
         device = self.stage_device(context.config)
         autocast = self.stage_autocast(context.config)
-        progress = context.config.trainer.progress
-        description = f"{self.name} step {context.step}: CAMs and CRF"
-        (Path(directory) / CRF_SCORES).mkdir(parents=True, exist_ok=True)
-        for i, row in enumerate(tqdm(list(dm.train_indices), desc=description, unit="img", leave=False,
-                                     disable=not shows_a_bar(progress))):
-            path = _npz_path(directory, files.ids[int(row)])
-            if path.exists():
-                continue
-            present = torch.from_numpy(labels[i]) > 1e-5
+
+        def write(row: int, temporary: Path) -> None:
+            present = torch.from_numpy(labels[row]) > 1e-5
             with torch.no_grad(), torch.autocast(device_type=device, dtype=autocast, enabled=autocast is not None):
-                cams = self.cams(classifier, full_image(files, int(row)).to(device), present.float().to(device))
-            low, high = self.crf_pair(load_image(files.images[int(row)]), cams, present)
-            temporary = path.with_name(f".{path.stem}.tmp.npz")
+                cams = self.cams(classifier, full_image(files, row).to(device), present.float().to(device))
+            low, high = self.crf_pair(load_image(files.images[row]), cams, present)
             with open(temporary, "wb") as handle:
                 # The CAMs too (float16), read again for the random walk as infer_aff.py reads the
                 # CAMs infer_SEAM.py saved, instead of computing them a second time.
                 np.savez_compressed(handle, low=np.round(low * 255).astype(np.uint8),
                                     high=np.round(high * 255).astype(np.uint8),
                                     cams=cams[present.to(cams.device)].float().cpu().numpy().astype(np.float16))
-            os.replace(temporary, path)
-        if progress in ("auto", "epochs") and not shows_a_bar(progress):
-            print(f"  {description}: {len(dm.train_indices)} images", flush=True)
+
+        write_per_image(dm.train_indices, lambda row: _npz_path(directory, files.ids[row]), write,
+                        f"{self.name} step {context.step}: CAMs and CRF", context.config.trainer.progress)
 
     def affinity_stage_loss(self, network, batch, progress):
         features = network(batch["image"]).float()

@@ -85,7 +85,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
+from datamodules.transforms import unnormalize  # the code's `denorm`
 from lightning_modules.losses.weak_supervision import (balanced_self_training_loss, ngwp_focal_scores, pamr,
                                                        pseudo_label_masks)
 from lightning_modules.methods.weak_baseline import WeakBaseline, build_classifier_encoder
@@ -227,13 +227,6 @@ def ss_class_scores(logits: torch.Tensor) -> torch.Tensor:
     return ngwp_focal_scores(logits.float())[:, 1:]
 
 
-def denormalise(images: torch.Tensor) -> torch.Tensor:
-    """The network's input back to RGB in [0, 1] (the code's `denorm`)."""
-    mean = images.new_tensor(IMAGENET_MEAN)[None, :, None, None]
-    std = images.new_tensor(IMAGENET_STD)[None, :, None, None]
-    return images * std + mean
-
-
 def merge_views(masks: torch.Tensor, present: torch.Tensor, background_power: float) -> torch.Tensor:
     """MergeMultiScale: masks (V, K + 1, H, W) of the views on the image grid, present (K,) 0/1 ->
     (H, W) argmax of [mean bg ** background_power, mean class maps of the present classes]."""
@@ -302,7 +295,7 @@ class SingleStage(WeakBaseline):
         (loss, pseudo-masks (B, K + 1, H, W))."""
         logits = logits.float()
         masks = torch.softmax(logits, dim=1).detach()
-        raw = _rescale(denormalise(images.float()), masks.shape[-2:])
+        raw = _rescale(unnormalize(images.float()), masks.shape[-2:])
         refined = _rescale(pamr(raw, masks, self.pamr_iterations, tuple(self.pamr_dilations)), images.shape[-2:])
         present = torch.cat([labels.new_ones(labels.shape[0], 1), labels], dim=1).to(refined)
         refined = refined * present[:, :, None, None]

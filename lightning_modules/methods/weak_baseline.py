@@ -106,9 +106,20 @@ def stage_transform(crop_size: int, scale, map_names=()) -> A.Compose:
                      additional_targets={name: "mask" for name in map_names})
 
 
+_NORMALISE = A.Compose(_to_network())
+
+
 def full_image(files, row: int) -> torch.Tensor:
     """(1, 3, H, W) normalised, the whole image (what the stage's inference sees)."""
-    return A.Compose(_to_network())(image=load_image(files.images[row]))["image"][None]
+    return _NORMALISE(image=load_image(files.images[row]))["image"][None]
+
+
+def id_table(values) -> np.ndarray:
+    """A 256-entry lookup from the stage's ids (0 background, k the k-th stage class, 255 abstained)
+    to `values` = [id of the background, id of each stage class], everything else 255."""
+    table = np.full(256, 255, dtype=np.int64)
+    table[: len(values)] = values
+    return table
 
 
 # --- the stage's training loop -----------------------------------------------------------------
@@ -196,25 +207,33 @@ def train_stage_network(network: nn.Module, loss: Callable, dataset: Dataset, gr
     return network.eval()
 
 
-def write_masks(directory: Path, files, rows, make_mask: Callable[[int], np.ndarray], description: str = "masks",
-                progress: str = "auto") -> None:
-    """One palette PNG per train row (make_mask(row): (H, W) dataset ids, 255 abstained), written
-    atomically; files already there (an interrupted start) are kept."""
+def write_per_image(rows, path_of: Callable[[int], Path], write: Callable[[int, Path], None], description: str,
+                    progress: str = "auto") -> None:
+    """For every train row whose file path_of(row) is not there yet: write(row, temporary), then the
+    temporary moved into place (atomic: a kill leaves no half-written file, and a restart keeps
+    what an interrupted start finished). A bar, or one final line, as trainer.progress."""
     from tqdm.auto import tqdm
 
     from callbacks.progress import shows_a_bar
 
-    out = directory / MASKS
-    out.mkdir(parents=True, exist_ok=True)
-    for row in tqdm(list(rows), desc=description, unit="img", leave=False, disable=not shows_a_bar(progress)):
-        path = mask_path(directory, files.ids[int(row)])
+    rows = [int(r) for r in rows]
+    for row in tqdm(rows, desc=description, unit="img", leave=False, disable=not shows_a_bar(progress)):
+        path = Path(path_of(row))
         if path.exists():
             continue
-        temporary = path.with_name(f".{path.stem}.tmp.png")
-        save_mask(temporary, make_mask(int(row)))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.stem}.tmp{path.suffix}")
+        write(row, temporary)
         os.replace(temporary, path)
     if progress in ("auto", "epochs") and not shows_a_bar(progress):
-        print(f"  {description}: {len(rows)} written", flush=True)
+        print(f"  {description}: {len(rows)} images", flush=True)
+
+
+def write_masks(directory: Path, files, rows, make_mask: Callable[[int], np.ndarray], description: str = "masks",
+                progress: str = "auto") -> None:
+    """One palette PNG per train row (make_mask(row): (H, W) dataset ids, 255 abstained)."""
+    write_per_image(rows, lambda row: mask_path(directory, files.ids[row]),
+                    lambda row, temporary: save_mask(temporary, make_mask(row)), description, progress)
 
 
 def mask_path(directory: Path, image_id: str) -> Path:
@@ -435,8 +454,7 @@ class WeakBaseline(Method):
         """infer(image (1, 3, H, W), labels (K,), train row) -> (H, W) ids in 0..K or 255, written as
         dataset ids for every training image of the step."""
         dm = context.datamodule
-        classes = np.asarray([0, *self.stage_classes(context.steps, context.step)] + [255] * (256 - 1 - len(
-            self.stage_classes(context.steps, context.step))), dtype=np.uint8)
+        classes = id_table([0, *self.stage_classes(context.steps, context.step)]).astype(np.uint8)
         labels = self.stage_labels(context)
         position = {int(r): i for i, r in enumerate(dm.train_indices)}
         device = self.stage_device(context.config)
@@ -508,8 +526,7 @@ class WeakBaseline(Method):
             return None
         order = channel_order(module.steps, module.step)
         stage = self.stage_classes(module.steps, module.step)
-        to_channel = torch.tensor([0] + [order.index(c) for c in stage] + [255] * (256 - 1 - len(stage)),
-                                  device=images.device)
+        to_channel = torch.from_numpy(id_table([0, *(order.index(c) for c in stage)])).to(images.device)
         n_old = len(order) - new_labels.shape[1]
         out = []
         for b in range(images.shape[0]):
