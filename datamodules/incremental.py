@@ -320,9 +320,17 @@ class IncrementalSegmentationDataModule(pl.LightningDataModule):
                           num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
                           collate_fn=collate_skipping)
 
+    def val_dataloader(self) -> DataLoader:
+        """The held-out training images during fit, for checkpoint.select=best_validation only
+        (the trainer validates nothing otherwise)."""
+        if self.val_set is None:
+            raise ValueError("no validation images: set data.validation_fraction > 0")
+        return self._evaluation_loader(self.val_set)
+
     def test_dataloader(self) -> DataLoader:
         """The test set, or the held-out training images when `evaluated_split` is "val" (scored
-        once after each step by experiments.run, not during fit: not Lightning's val_dataloader).
+        once after each step by experiments.run; during fit only through val_dataloader, to select
+        the handed-on epoch).
         Served through trainer.test(datamodule=...), so that the loader is built once the
         processes exist and knows its rank."""
         if self.evaluated_split == "val":

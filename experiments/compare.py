@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from datamodules.tasks import class_span
+from experiments.config import network_label
 from experiments.reporting.table import _paper_cell
 
 # The per-step quantities of lightning_modules.metrics.summarize_step that the table carries
@@ -201,7 +202,9 @@ def comparison_table(results_by_method: dict[str, list[dict]], expected: dict | 
         first = results[0]["steps"]
         new_classes = [c for s in first[1:n_steps] for c in s["classes"]]
         supervision = {r.get("supervision") for r in results} - {None}
-        row = {"method": label, "config_id": info.get("config_id"), "differs": info.get("differs") or "",
+        networks = sorted({network_label((r.get("config") or {}).get("network") or {}) for r in results})
+        row = {"method": label, "network": ", ".join(networks), "config_id": info.get("config_id"),
+               "differs": info.get("differs") or "",
                "supervision": ", ".join(sorted(supervision)) or None,
                "n_seeds": len(results), "seeds": " ".join(str(r["config"].get("seed")) for r in results),
                "old_classes": class_span(first[0]["classes"]), "new_classes": class_span(new_classes), "n_steps": n_steps}
@@ -264,13 +267,13 @@ def to_markdown(rows: list[dict], title: str, caption: str) -> str:
     if not rows:
         return f"# {title}\n\n{caption}\n\nNo complete results.\n"
     old, new = rows[0]["old_classes"], rows[0]["new_classes"]
-    final_header = ["Method", "sup.", "n", f"old {old}", f"new {new}", "all", "all+bg", "hIoU", "avg",
+    final_header = ["Method", "network", "sup.", "n", f"old {old}", f"new {new}", "all", "all+bg", "hIoU", "avg",
                     "paper o/n/a", "Δ o/n/a"]
-    final_lines = [[row["method"], row["supervision"] or "-", str(row["n_seeds"]),
+    final_lines = [[row["method"], row.get("network") or "-", row["supervision"] or "-", str(row["n_seeds"]),
                     *(_mean_std(row, f"final_{m}") for m in ("old_no_bg", "new_no_bg", "all_no_bg", "all_with_bg",
                                                              "hiou_no_bg", "avg_no_bg")),
                     row["paper_old_new_all"], _diff_cell(row)] for row in rows]
-    final_align = ["---", "---", "--:", *["--:"] * 6, "---", "---"]
+    final_align = ["---", "---", "---", "--:", *["--:"] * 6, "---", "---"]
     if any(row.get("differs") for row in rows):  # a method run with several configurations
         final_header.append("configuration (where it differs)")
         final_align.append("---")
@@ -317,7 +320,8 @@ def caption_for(collected: dict) -> str:
     text = (f"{collected['experiment']}" + (f" ({setting})" if setting else "") + ": mIoU in %, mean ± sample std "
             "(ddof=1) over n seeds (no std with one seed). old/new/all exclude background (MiB convention); "
             "all+bg includes it (WILSON's All); hIoU = harmonic mean of old and new; avg = mean of all over the "
-            "steps (PLOP); hIoU and avg without background. sup. = supervision of the new classes.")
+            "steps (PLOP); hIoU and avg without background. sup. = supervision of the new classes; network = each "
+            "row's network (a paper number in [ ] names the network it was measured with).")
     if expected.get("source"):
         text += f" Paper numbers: {expected['source']}"
         text += f" ({expected['convention']})." if expected.get("convention") else "."

@@ -79,7 +79,18 @@ class DataConfig(Section):
     cache_decoded: bool = False
 
 
+# The keys of each network kind (the others are ignored by it, and left out of its identity).
+DEEPLAB_KEYS = ("arch", "encoder_depth", "output_stride", "atrous_rates", "decoder_channels", "aspp_dropout")
+SEGMENTER_KEYS = ("image_size", "patch_size", "vit_width", "vit_depth", "vit_heads", "decoder_layers",
+                  "decoder_drop_path")
+
+
 class NetworkConfig(Section):
+    """kind "deeplab": an smp encoder (`encoder`) + DeepLabV3(+) and the incremental 1x1 classifier
+    (lightning_modules/network.py). kind "segmenter": timm's ViT `encoder` + the incremental mask
+    transformer (lightning_modules/segmenter.py, MBS's network); `encoder_weights` is then a timm
+    pretrained tag (e.g. augreg_in21k_ft_in1k). `encoder_weights: null` trains from scratch."""
+    kind: Literal["deeplab", "segmenter"] = "deeplab"
     arch: Literal["deeplabv3", "deeplabv3plus"] = "deeplabv3"
     encoder: str = "resnet101"
     encoder_depth: Annotated[int, Field(ge=1, le=5)] = 5
@@ -88,6 +99,56 @@ class NetworkConfig(Section):
     decoder_channels: PositiveInt = 256
     aspp_dropout: Fraction = 0.0
     encoder_weights: str | None = None
+    # Segmenter: the ViT's input size (its position embeddings; other input sizes interpolate them,
+    # as Segmenter does), patch size, and the width / depth / heads when they differ from the timm
+    # model's own (null: the model's; set for the embedded dataset's small ViT, trained from scratch)
+    image_size: PositiveInt = 512
+    patch_size: PositiveInt = 16
+    vit_width: PositiveInt | None = None
+    vit_depth: PositiveInt | None = None
+    vit_heads: PositiveInt | None = None
+    decoder_layers: PositiveInt = 2                # the mask transformer's blocks
+    decoder_drop_path: Fraction = 0.1              # their stochastic depth, 0 ... this value
+
+    @property
+    def stride(self) -> int:
+        """Input pixels per output pixel: what evaluation pads full images to a multiple of."""
+        return self.patch_size if self.kind == "segmenter" else self.output_stride
+
+    def identity(self) -> dict:
+        """The keys that shape this kind of network: the DeepLab identity is what it was before the
+        Segmenter existed, so earlier runs and cached step-0 models keep their ids."""
+        values = self.model_dump()
+        if self.kind == "deeplab":
+            return {k: v for k, v in values.items() if k not in SEGMENTER_KEYS and k != "kind"}
+        return {k: v for k, v in values.items() if k not in DEEPLAB_KEYS}
+
+
+VIT_SIZES = {"tiny": "Ti", "small": "S", "base": "B", "large": "L", "huge": "H"}
+
+
+def network_label(network: dict) -> str:
+    """A short name of a run's network (a NetworkConfig or its saved dict), for the tables: a row
+    never hides whether it is a ResNet or a ViT row. "DeepLabV3 R-101", "Segmenter ViT-B/16", or
+    "Segmenter ViT w64 d4 p4" for a ViT of its own shape (width, depth, patch)."""
+    import re
+
+    network = network.model_dump() if hasattr(network, "model_dump") else dict(network or {})
+    if not network:   # a results file of the layout before networks were recorded
+        return "-"
+    encoder = str(network.get("encoder", "")).removeprefix("tu-")
+    if network.get("kind", "deeplab") == "segmenter":
+        if network.get("vit_width") or network.get("vit_depth"):   # the timm name would mislead
+            shape = [f"{letter}{network[key]}" for letter, key in (("w", "vit_width"), ("d", "vit_depth"))
+                     if network.get(key)]
+            return f"Segmenter ViT {' '.join(shape)} p{network.get('patch_size')}"
+        named = re.fullmatch(r"vit_(\w+?)_patch(\d+)_\d+", encoder)
+        if named and named.group(1) in VIT_SIZES and int(named.group(2)) == network.get("patch_size", 16):
+            return f"Segmenter ViT-{VIT_SIZES[named.group(1)]}/{named.group(2)}"
+        return f"Segmenter {encoder} p{network.get('patch_size')}"
+    arch = {"deeplabv3": "DeepLabV3", "deeplabv3plus": "DeepLabV3+"}.get(network.get("arch"), network.get("arch"))
+    resnet = re.fullmatch(r"resnet(\d+\w*)", encoder)
+    return f"{arch} {'R-' + resnet.group(1) if resnet else encoder}"
 
 
 class StepSchedule(Section):
@@ -101,12 +162,23 @@ class ScheduleConfig(Section):
 
 
 class OptimizerConfig(Section):
+    """SGD (every method's code; momentum and nesterov) or AdamW (betas 0.9 / 0.999; momentum and
+    nesterov unused): the embedded dataset's ViT, trained from scratch, which SGD does not train."""
+    algorithm: Literal["sgd", "adamw"] = "sgd"
     momentum: Fraction = 0.9
     nesterov: bool = True
     weight_decay: Annotated[float, Field(ge=0)] = 1e-4
     poly_power: Annotated[float, Field(ge=0)] = 0.9
     scale_lr: bool = True
     reference_batch: PositiveInt | None = None     # filled in at load: the file's batch size
+
+    def identity(self) -> dict:
+        """The settings that shape training; an SGD identity is what it was before AdamW existed,
+        so earlier runs and cached step-0 models keep their ids."""
+        values = self.model_dump()
+        if self.algorithm == "sgd":
+            values.pop("algorithm")
+        return values
 
 
 class TrainerConfig(Section):
@@ -141,6 +213,21 @@ class FiguresConfig(Section):
 
 class CheckpointConfig(Section):
     every_n_epochs: PositiveInt = 1
+    # The model a step hands on: "last" (the last epoch's, every method's default) or
+    # "best_validation": the epoch with the best mIoU of the step's own classes (background too at
+    # step 0; MBS's rule) on the held-out training images (data.validation_fraction), scored every
+    # validate_every_n_epochs epochs. Never the test set (MBS's code selects on VOC val, its test set).
+    select: Literal["last", "best_validation"] = "last"
+    validate_every_n_epochs: PositiveInt = 1
+
+    def identity(self) -> dict:
+        """The settings that shape the result; with select "last" what it was before selection
+        existed, so earlier runs and cached step-0 models keep their ids."""
+        values = self.model_dump()
+        if self.select == "last":
+            values.pop("select")
+            values.pop("validate_every_n_epochs")
+        return values
 
 
 class RunConfig(Section):
@@ -265,9 +352,13 @@ def _run_config(experiment: Experiment, method_name: str) -> RunConfig:
                **{k: getattr(experiment, k).model_dump() for k in ("logger", "figures", "checkpoint")},
                **{k: getattr(experiment, k) for k in ("seed", "resume", "output_dir", "cache_dir")})
     try:
-        return RunConfig(**raw)
+        config = RunConfig(**raw)
     except ValidationError as error:
         raise _one_line(error, RunConfig, where) from None
+    if config.checkpoint.select == "best_validation" and config.data.validation_fraction == 0:
+        raise ConfigError("checkpoint.select=best_validation selects on held-out training images: set "
+                          "data.validation_fraction (e.g. 0.1) too; the test set never selects")
+    return config
 
 
 # --- precision ---------------------------------------------------------------------------------

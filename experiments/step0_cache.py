@@ -34,18 +34,21 @@ def _digest(value) -> str:
 
 def step0_key(config, method, steps) -> dict:
     data, trainer = config.data, config.trainer
-    return {
+    key = {
         "version": CACHE_VERSION, "pipeline": PIPELINE_VERSION, "dataset": data.dataset, "dataset_options": data.options,
         "data_root": str(Path(data.root).resolve()) if data.dataset != "synthetic" else None,
-        "step0_classes": steps[0], "mode": data.mode, "network": config.network.model_dump(),
+        "step0_classes": steps[0], "mode": data.mode, "network": config.network.identity(),
         "method": method.step0_key(), "schedule": config.schedule.step0.model_dump(),
-        "optimizer": config.optimizer.model_dump(), "batch_size": data.batch_size, "crop_size": data.crop_size,
+        "optimizer": config.optimizer.identity(), "batch_size": data.batch_size, "crop_size": data.crop_size,
         "train_scale": data.train_scale, "void_as_background": data.void_as_background,
         "validation_fraction": data.validation_fraction, "seed": config.seed, "precision": trainer.precision,
         "effective_batch": effective_batch(config), "lr_scale": lr_scale(config),
         "sync_batchnorm": trainer.sync_batchnorm, "limit_train_batches": trainer.limit_train_batches,
         "deterministic": trainer.deterministic, "channels_last": trainer.channels_last,
     }
+    if config.checkpoint.select != "last":   # which epoch's model is kept (absent: the last, as before)
+        key["selection"] = config.checkpoint.identity()
+    return key
 
 
 def model_path(config, method, steps) -> Path:

@@ -48,6 +48,9 @@ def identity(config) -> dict:
     if config.data.dataset != "synthetic":
         kept["data"]["root"] = str(Path(config.data.root).resolve())
     kept["trainer"] = {k: v for k, v in values["trainer"].items() if k not in NOT_IN_CONFIG_ID_TRAINER}
+    kept["network"] = config.network.identity()
+    kept["optimizer"] = config.optimizer.identity()
+    kept["checkpoint"] = config.checkpoint.identity()
     return kept
 
 

@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 
 from callbacks.checkpointing import AtomicCheckpointIO, RandomStateCallback
 from callbacks.progress import progress_callbacks, shows_a_bar
+from callbacks.selection import BestValidationState
 from callbacks.teacher import TeacherCallback
 from datamodules.incremental import IncrementalSegmentationDataModule
 from datamodules.tasks import channel_order
@@ -55,7 +56,7 @@ def build_datamodule(config, method, steps, step: int) -> IncrementalSegmentatio
         batch_size=data.batch_size, test_batch_size=data.test_batch_size, crop_size=data.crop_size,
         train_scale=data.train_scale, eval_mode=data.eval_mode, test_images=data.test_images,
         void_as_background=data.void_as_background, future_classes_in_test=data.future_classes_in_test,
-        size_divisor=config.network.output_stride, num_workers=loader_workers(data.num_workers),
+        size_divisor=config.network.stride, num_workers=loader_workers(data.num_workers),
         dataset_options=data.options, validation_fraction=data.validation_fraction,
         eval_crop_size=data.eval_crop_size, seed=config.seed + step, on_unreadable=data.on_unreadable,
         cache_decoded=data.cache_decoded)
@@ -66,7 +67,7 @@ def build_module(config, method, steps, step: int, network, class_names: dict[in
     names = class_names or {}
     return IncrementalSegmentationModule(
         network, method, steps, step, lr=schedule.lr, lr_scale=lr_scale(config),
-        momentum=config.optimizer.momentum, nesterov=config.optimizer.nesterov,
+        optimizer=config.optimizer.algorithm, momentum=config.optimizer.momentum, nesterov=config.optimizer.nesterov,
         weight_decay=config.optimizer.weight_decay, poly_power=config.optimizer.poly_power,
         class_names=[names.get(c, str(c)) for c in channel_order(steps, step)],
         channels_last=config.trainer.channels_last, compile_network=config.trainer.compile)
@@ -77,6 +78,7 @@ def build_trainer(config, epochs: int, logger, callbacks: list, checkpoint_file:
     there (atomically) every checkpoint.every_n_epochs epochs, with the random states."""
     t = config.trainer
     strategy = "ddp" if t.strategy == "auto" and world_size(t) > 1 else t.strategy
+    selecting = config.checkpoint.select == "best_validation"
     callbacks = callbacks + [RandomStateCallback(), *progress_callbacks(t.progress)]
     if checkpoint_file is not None:
         callbacks.append(pl.callbacks.ModelCheckpoint(
@@ -91,8 +93,11 @@ def build_trainer(config, epochs: int, logger, callbacks: list, checkpoint_file:
         # The datamodule shards by itself (datamodules.sampling): the same global batches for any
         # number of processes, and no padded duplicates in the test set.
         use_distributed_sampler=False, enable_progress_bar=shows_a_bar(t.progress),
-        enable_checkpointing=checkpoint_file is not None, enable_model_summary=False, limit_val_batches=0,
-        num_sanity_val_steps=0, log_every_n_steps=t.log_every_n_steps, default_root_dir=config.output_dir,
+        enable_checkpointing=checkpoint_file is not None, enable_model_summary=False,
+        # Validation during fit only to select the handed-on epoch (callbacks/selection.py).
+        limit_val_batches=t.limit_test_batches if selecting else 0,
+        check_val_every_n_epoch=config.checkpoint.validate_every_n_epochs, num_sanity_val_steps=0,
+        log_every_n_steps=t.log_every_n_steps, default_root_dir=config.output_dir,
         deterministic=t.deterministic,
         # A few batches per epoch and per test: the smoke test of every experiment file.
         limit_train_batches=t.limit_train_batches, limit_test_batches=t.limit_test_batches)
@@ -139,7 +144,8 @@ def fit_and_test(config, built: Step, logger, train: bool = True, checkpoint_fil
 
     datamodule, module, step = built.datamodule, built.module, built.module.step
     schedule = step_schedule(config, step)
-    trainer = build_trainer(config, schedule.epochs, logger, built.callbacks,
+    selection = BestValidationState() if train and config.checkpoint.select == "best_validation" else None
+    trainer = build_trainer(config, schedule.epochs, logger, built.callbacks + ([selection] if selection else []),
                             checkpoint_file=checkpoint_file if train else None)
     started = time.time()
     if train:
@@ -176,7 +182,7 @@ def fit_and_test(config, built: Step, logger, train: bool = True, checkpoint_fil
         "unreadable_skipped": len(module.unreadable),
         "iou": {module.class_names[i]: (None if math.isnan(v) else float(v)) for i, v in enumerate(module.test_iou)},
         "summary": module.test_summary, "confusion": module.test_confusion.tolist(), "validation": validation,
-        "stage": stage, "pseudo_labels": pseudo_labels,
+        "stage": stage, "pseudo_labels": pseudo_labels, "selection": selection.record() if selection else None,
     }
 
 

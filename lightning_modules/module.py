@@ -31,12 +31,13 @@ class IncrementalSegmentationModule(pl.LightningModule):
     """
 
     def __init__(self, network: nn.Module, method: Method, steps: list[list[int]], step: int,
-                 lr: float, lr_scale: float = 1.0, momentum: float = 0.9, nesterov: bool = True,
+                 lr: float, lr_scale: float = 1.0, optimizer: str = "sgd", momentum: float = 0.9, nesterov: bool = True,
                  weight_decay: float = 1e-4, poly_power: float = 0.9, class_names: list[str] | None = None,
                  channels_last: bool = False, compile_network: bool | str = False):
         super().__init__()
         self.network, self.method, self.steps, self.step = network, method, steps, step
         self.lr, self.lr_scale, self.momentum, self.nesterov = lr, lr_scale, momentum, nesterov
+        self.optimizer_algorithm = optimizer
         self.weight_decay, self.poly_power = weight_decay, poly_power
         self.class_names = class_names
         self.__dict__["_old_network"] = None  # plain attribute, see the class docstring
@@ -140,14 +141,18 @@ class IncrementalSegmentationModule(pl.LightningModule):
         return loss
 
     def build_optimizer(self, total_iterations: int, iterations_per_epoch: int):
-        """SGD over the method's parameter groups (each lr x lr_scale) and the per-iteration lr
-        schedule (poly by default; WILSON's warm-up at its steps >= 1): (optimizer, scheduler).
-        What configure_optimizers returns, and what make bench's bare loop uses."""
+        """SGD (or AdamW: optimizer.algorithm) over the method's parameter groups (each lr x
+        lr_scale) and the per-iteration lr schedule (poly by default; WILSON's warm-up at its steps
+        >= 1): (optimizer, scheduler). What configure_optimizers returns, and what make bench's bare
+        loop uses."""
         groups = self.method.parameter_groups(self, self.lr)
         for group in groups:
             group["lr"] = group.get("lr", self.lr) * self.lr_scale
-        optimizer = torch.optim.SGD(groups, lr=self.lr * self.lr_scale, momentum=self.momentum,
-                                    nesterov=self.nesterov, weight_decay=self.weight_decay)
+        if self.optimizer_algorithm == "adamw":
+            optimizer = torch.optim.AdamW(groups, lr=self.lr * self.lr_scale, weight_decay=self.weight_decay)
+        else:
+            optimizer = torch.optim.SGD(groups, lr=self.lr * self.lr_scale, momentum=self.momentum,
+                                        nesterov=self.nesterov, weight_decay=self.weight_decay)
         method, power = self.method, self.poly_power
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda it: method.learning_rate_factor(self, it, total_iterations, iterations_per_epoch, power))
@@ -179,6 +184,25 @@ class IncrementalSegmentationModule(pl.LightningModule):
         if self.unreadable:  # every rank reports its own
             warnings.warn(f"step {self.step}, epoch {self.current_epoch}: {len(self.unreadable)} unreadable images "
                            f"skipped so far (data.on_unreadable=skip); first: {self.unreadable[0]}")
+
+    # --- validation during fit (checkpoint.select=best_validation): the held-out training images -----
+    def on_validation_epoch_start(self) -> None:
+        self.validation_confmat = MulticlassConfusionMatrix(self.num_classes, ignore_index=255,
+                                                            validate_args=False).to(self.device)
+
+    def validation_step(self, batch, batch_index):
+        batch = self._to_memory_format(batch)
+        logits = self.network(batch["image"])["logits"]
+        self.validation_confmat.update(logits.argmax(dim=1), batch["label"])
+
+    def on_validation_epoch_end(self) -> None:
+        """selection_score: MBS's rule, the mean IoU of the step's own classes, background
+        included at step 0 (all_with_bg there; current_no_bg at steps >= 1), summed over processes."""
+        confusion = self.validation_confmat.compute().cpu().numpy().astype(np.int64)
+        summary = summarize_step(iou_from_confusion(confusion), self.steps, self.step)
+        score = summary["all_with_bg"] if self.step == 0 else summary["current_no_bg"]
+        self.selection_score = float("nan") if score is None else float(score)
+        self.log(f"step{self.step}/val/selection", self.selection_score)
 
     def test_step(self, batch, batch_index):
         batch = self._to_memory_format(batch)

@@ -256,3 +256,23 @@ class SegmentationNetwork(nn.Module):
 
     def state(self) -> dict:
         return {"state_dict": self.state_dict(), "classes_per_step": list(self.classes_per_step)}
+
+
+def build_network(settings, classes_per_step: list[int], pretrained: bool = True) -> nn.Module:
+    """The network of a run's network section (experiments.config.NetworkConfig, or its dict):
+    kind "deeplab" a SegmentationNetwork, kind "segmenter" a lightning_modules.segmenter
+    SegmenterNetwork, each given only its own keys. pretrained=False: no encoder weights are loaded
+    (the network is about to receive a saved state)."""
+    from experiments.config import DEEPLAB_KEYS, SEGMENTER_KEYS
+
+    arguments = settings.model_dump() if hasattr(settings, "model_dump") else dict(settings)
+    kind = arguments.pop("kind", "deeplab")
+    if not pretrained:
+        arguments["encoder_weights"] = None
+    if kind == "segmenter":
+        from lightning_modules.segmenter import SegmenterNetwork
+
+        return SegmenterNetwork(classes_per_step, **{k: v for k, v in arguments.items() if k not in DEEPLAB_KEYS})
+    if kind != "deeplab":
+        raise ValueError(f"unknown network kind {kind!r}; available: deeplab, segmenter")
+    return SegmentationNetwork(classes_per_step, **{k: v for k, v in arguments.items() if k not in SEGMENTER_KEYS})

@@ -15,7 +15,7 @@ forward(images) returns "logits" (bilinear to the image), "logits_lowres" (the p
 what MBS's AFD weights come from), "patches" (P, after the projection and before normalisation),
 "class_features" (Q) and "class_embeddings" (E, batch-expanded): what MBS distils.
 
-Not yet part of the configuration (issue 14: the network section will take a second kind).
+In the configuration: `network.kind: segmenter` (experiments/config.py NetworkConfig).
 """
 from __future__ import annotations
 
@@ -100,20 +100,44 @@ class MaskTransformer(nn.Module):
 
 
 class SegmenterNetwork(nn.Module):
-    """ViT encoder (timm) + incremental mask transformer, with the interface of SegmentationNetwork."""
+    """ViT encoder (timm) + incremental mask transformer, with the interface of SegmentationNetwork.
 
-    def __init__(self, classes_per_step: list[int], encoder: str = "vit_base_patch16_384", img_size: int = 512,
-                 decoder_layers: int = 2, drop_path: float = 0.1, pretrained: bool = False, **encoder_kwargs):
+    encoder: a timm ViT name; encoder_weights: a timm pretrained tag of it (MBS: vit_base_patch16_384
+    with augreg_in21k_ft_in1k, the ImageNet-21k -> 1k weights that timm 0.6.12, the code's version,
+    loads by default), None from scratch. image_size: the input size its position embeddings are
+    made for (the pretrained 24 x 24 grid is resized to image_size / patch_size at load); inputs of
+    other sizes interpolate them, as Segmenter does. vit_width / vit_depth / vit_heads: the timm
+    model's own when None."""
+
+    def __init__(self, classes_per_step: list[int], encoder: str = "vit_base_patch16_384", image_size: int = 512,
+                 patch_size: int = 16, vit_width: int | None = None, vit_depth: int | None = None,
+                 vit_heads: int | None = None, decoder_layers: int = 2, decoder_drop_path: float = 0.1,
+                 encoder_weights: str | None = None):
         super().__init__()
         import timm
 
-        self.encoder = timm.create_model(encoder, pretrained=pretrained, img_size=img_size, num_classes=0,
-                                         **encoder_kwargs)
-        self.patch_size = self.encoder.patch_embed.patch_size[0]
-        self.output_stride = self.patch_size
+        from lightning_modules.network import PretrainedWeightsUnavailable
+
+        if not timm.is_model(encoder):
+            raise ValueError(f"unknown ViT encoder {encoder!r} (a timm model name, e.g. vit_base_patch16_384)")
+        shape = {k: v for k, v in dict(embed_dim=vit_width, depth=vit_depth, num_heads=vit_heads).items() if v}
+        name = f"{encoder}.{encoder_weights}" if encoder_weights else encoder
+        try:
+            self.encoder = timm.create_model(name, pretrained=encoder_weights is not None, img_size=image_size,
+                                             patch_size=patch_size, num_classes=0, dynamic_img_size=True, **shape)
+        except (OSError, ConnectionError, RuntimeError) as error:  # huggingface_hub errors are OSErrors
+            if encoder_weights is None:
+                raise
+            raise PretrainedWeightsUnavailable(
+                f"the {encoder_weights!r} weights of ViT {encoder!r} are neither cached nor downloadable here "
+                f"({type(error).__name__}). Run once with network access to cache them (timm stores them in the "
+                "Hugging Face cache), or set network.encoder_weights=null to train from scratch on purpose") from None
+        self.patch_size = patch_size
+        self.output_stride = patch_size
         width = self.encoder.embed_dim
         self.decoder = MaskTransformer(list(classes_per_step), width, width, decoder_layers,
-                                       mlp_ratio=self.encoder.blocks[0].mlp.fc1.out_features / width, drop_path=drop_path)
+                                       mlp_ratio=self.encoder.blocks[0].mlp.fc1.out_features / width,
+                                       drop_path=decoder_drop_path)
         self._classes_per_step = list(classes_per_step)
 
     @property

@@ -34,6 +34,12 @@ def tiny_weak_baseline(cls, crop_size: int = 32) -> dict:
     return {k: v for k, v in tiny.items() if k in fields}
 
 
+# A Segmenter that builds and runs in milliseconds (network.kind: segmenter): MBS's network in tests.
+TINY_SEGMENTER = {"kind": "segmenter", "encoder": "vit_tiny_patch16_224", "encoder_weights": None, "image_size": 32,
+                  "patch_size": 8, "vit_width": 32, "vit_depth": 2, "vit_heads": 2, "decoder_layers": 2,
+                  "decoder_drop_path": 0.0}
+
+
 @pytest.fixture
 def tiny_config(tmp_path):
     """The default experiment shrunk to seconds: tiny synthetic data, tiny network, 1 epoch."""

@@ -24,7 +24,7 @@ EXPECTED = {
                    "source": "Paper B Table 2"},                            # WILSON's All (+bg)
     },
 }
-FINAL_HEADER = "| Method | sup. | n | old 1-15 | new 16-20 | all | all+bg | hIoU | avg | paper o/n/a | Δ o/n/a |"
+FINAL_HEADER = "| Method | network | sup. | n | old 1-15 | new 16-20 | all | all+bg | hIoU | avg | paper o/n/a | Δ o/n/a |"
 
 
 def summary(old, new, all_no_bg, all_with_bg, hiou, old_with_bg):
@@ -33,14 +33,19 @@ def summary(old, new, all_no_bg, all_with_bg, hiou, old_with_bg):
             "current_no_bg": new, "current_with_bg": new, "hiou_no_bg": hiou, "hiou_with_bg": hiou}
 
 
+DEEPLAB = {"arch": "deeplabv3", "encoder": "tu-resnet10t", "output_stride": 8}
+SEGMENTER = {"kind": "segmenter", "encoder": "vit_base_patch16_384", "patch_size": 16}
+
+
 def results(method, seed, step0, step1, avg, complete=True, experiment=EXPERIMENT):
-    """A results.json as experiments/run.py writes it (NaN written as null)."""
+    """A results.json as experiments/run.py writes it (NaN written as null); ft on a Segmenter."""
     steps = [{"step": 0, "classes": STEP0_CLASSES, "summary": summary(*step0), "iou": {}},
              {"step": 1, "classes": STEP1_CLASSES, "summary": summary(*step1), "iou": {}}]
     data = {"experiment": experiment, "method": method, "hparams": {}, "complete": complete,
             "steps": steps if complete else steps[:1],
             "config": {"name": experiment, "seed": seed, "expected": EXPECTED,
                        "data": {"dataset": "synthetic", "task": "15-5", "mode": "disjoint"},
+                       "network": SEGMENTER if method == "ft" else DEEPLAB,
                        "methods": {"joint": {}, "ft": {}, "mib": {}, "wilson": {}}}}
     if complete:
         data["final"] = dict(summary(*step1), avg_no_bg=avg[0], avg_with_bg=avg[1])
@@ -141,10 +146,10 @@ def test_markdown_cells(runs):
     assert lines[0] == "# toy"
     assert "Paper numbers: Paper A Table 1" in lines[2] and "wilson: Paper B Table 2" in lines[2]
     assert FINAL_HEADER in lines
-    assert "| mib | pixel | 3 | 32.0 ± 2.0 | 12.0 ± 2.0 | 27.0 ± 2.0 | 31.0 ± 3.0 | 15.0 ± 0.0 | 35.0 ± 2.0 " \
+    assert "| mib | DeepLabV3 R-10t | pixel | 3 | 32.0 ± 2.0 | 12.0 ± 2.0 | 27.0 ± 2.0 | 31.0 ± 3.0 | 15.0 ± 0.0 | 35.0 ± 2.0 " \
            "| 71.8/43.3/64.7 | -39.8/-31.3/-37.7 |" in lines
-    assert "| ft | pixel | 1 | 0.0 | 27.4 | 6.9 | 10.8 | 0.0 | 20.2 | - | - |" in lines
-    assert "| wilson | image | 1 | 33.1 | 10.2 | 25.0 | 28.4 | 16.0 | 30.0 " \
+    assert "| ft | Segmenter ViT-B/16 | pixel | 1 | 0.0 | 27.4 | 6.9 | 10.8 | 0.0 | 20.2 | - | - |" in lines
+    assert "| wilson | DeepLabV3 R-10t | image | 1 | 33.1 | 10.2 | 25.0 | 28.4 | 16.0 | 30.0 " \
            "| 30.0/10.0/25.0 (All+bg) | +3.1/+0.2/+3.4 (All+bg) |" in lines
     # after each step
     assert "| Method | after step | old | new | all | all+bg | hIoU |" in lines
@@ -181,7 +186,7 @@ def test_cli_writes_markdown_and_csv(runs, tmp_path, capsys):
     out = tmp_path / "out"
     assert compare.main([EXPERIMENT, "--runs", str(runs), "--out", str(out), "--no-wandb"]) == 0
     assert FINAL_HEADER in (out / "compare.md").read_text()
-    assert (out / "compare.csv").read_text().startswith("method,config_id,differs,supervision,n_seeds,seeds,")
+    assert (out / "compare.csv").read_text().startswith("method,network,config_id,differs,supervision,n_seeds,seeds,")
     printed = capsys.readouterr().out
     assert "warning:" in printed and "incomplete" in printed and "32.0 ± 2.0" in printed
 
@@ -190,8 +195,8 @@ def test_cli_without_experiments_compares_every_experiment_directory(runs):
     other = runs / "toy_10_10_overlap"
     write(other / "ft" / "seed0" / "results.json", results("ft", 0, *FT, experiment="toy_10_10_overlap"), time.time())
     assert compare.main(["--runs", str(runs), "--no-wandb"]) == 0
-    assert "| mib | pixel | 3 |" in (runs / EXPERIMENT / "compare.md").read_text()
-    assert "| ft | pixel | 1 |" in (other / "compare.md").read_text()
+    assert "| mib | DeepLabV3 R-10t | pixel | 3 |" in (runs / EXPERIMENT / "compare.md").read_text()
+    assert "| ft | Segmenter ViT-B/16 | pixel | 1 |" in (other / "compare.md").read_text()
     assert (other / "compare.csv").is_file() and not (runs / ".step0_cache" / "compare.md").exists()
 
 
@@ -223,7 +228,7 @@ def test_log_comparison_to_wandb_offline_writes_a_table(runs, tmp_path, monkeypa
     assert len(tables) == 1
     table = json.loads(open(tables[0]).read())
     columns = table["columns"]
-    assert columns[:6] == ["method", "config_id", "differs", "supervision", "n_seeds", "seeds"]
+    assert columns[:7] == ["method", "network", "config_id", "differs", "supervision", "n_seeds", "seeds"]
     assert [row[0] for row in table["data"]] == ["ft", "mib", "wilson"]
     mib = dict(zip(columns, table["data"][1]))
     assert mib["final_old_no_bg_mean"] == pytest.approx(32.0) and mib["diff_all_no_bg"] == pytest.approx(-37.7)

@@ -20,7 +20,7 @@ from experiments.config import experiment_names, load_experiment, resolve
 from experiments.store import run_directory
 from lightning_modules.methods import METHODS, build_method
 from lightning_modules.methods.weak_baseline import WeakBaseline
-from tests.conftest import tiny_weak_baseline, write_voc_tree
+from tests.conftest import TINY_SEGMENTER, tiny_weak_baseline, write_voc_tree
 from tests.fake_coco import make_coco_voc_tree
 
 SIZE = 32
@@ -94,25 +94,35 @@ def smoke_config(name: str, data_root, tmp_path):
                          "atrous_rates": [2, 4, 6], "decoder_channels": 16, "aspp_dropout": 0.0,
                          "encoder_weights": None}
     config["schedule"] = {"step0": {"epochs": 1, "lr": 0.01}, "incremental": {"epochs": 1, "lr": 0.001}}
-    # The image-label baselines run where the file reports them (WILSON's settings, the every-method
-    # file); the files that only inherit them run the same entries on other tasks: skipped there to
-    # keep the tier short (their stages run on every task of the files that keep them).
+    # The image-label baselines and MBS (its own network) run where the file reports them or defines
+    # them; the files that only inherit them run the same entries on other tasks: skipped there to
+    # keep the tier short (they run on the tasks of the files that keep them).
     reported = set(((config.get("expected") or {}).get("methods") or {}))
     inherited = set(load_experiment(config["based_on"]).get("methods") or {}) if config.get("based_on") else set()
-    for name in list(config.get("methods") or {}):
-        if name in METHODS and issubclass(METHODS[name], WeakBaseline) and name in inherited - reported:
+    for name, entry in list((config.get("methods") or {}).items()):
+        costly = name in METHODS and (issubclass(METHODS[name], WeakBaseline) or _network_kind(name, entry) == "segmenter")
+        if costly and name in inherited - reported:
             del config["methods"][name]
     for name, entry in (config.get("methods") or {}).items():
         if entry and "schedule" in entry:
             entry["schedule"] = {phase: {**schedule, "epochs": 1} for phase, schedule in entry["schedule"].items()}
         if name in METHODS and issubclass(METHODS[name], WeakBaseline):
             config["methods"][name] = {**(entry or {}), **tiny_weak_baseline(METHODS[name], SIZE)}
+        if _network_kind(name, entry) == "segmenter":   # MBS's ViT-B/16 (or the embedded ViT) made tiny
+            config["methods"][name] = {**(entry or {}), "network": dict(TINY_SEGMENTER)}
     config["trainer"] = {**(config.get("trainer") or {}), "devices": 1, "limit_train_batches": 2,
                          "limit_test_batches": 1, "accelerator": "cpu"}
     config["logger"] = {"wandb": "disabled", "project": "ciss"}
     config["figures"] = {"qualitative_images": 0, "draw": False}  # figures have tests of their own
     config.update(output_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"))
     return resolve(config)
+
+
+def _network_kind(name: str, entry) -> str:
+    """The network kind of a method entry: its own network section, else its method's settings."""
+    own = ((entry or {}).get("network") or {}).get("kind")
+    settings = (getattr(METHODS.get(name), "settings", {}) or {}).get("network") or {}
+    return own or settings.get("kind", "deeplab")
 
 
 EXPERIMENTS = experiment_names()

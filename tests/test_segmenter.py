@@ -6,8 +6,8 @@ import torch
 
 from lightning_modules.segmenter import MaskLayerNorm, SegmenterNetwork
 
-TINY = dict(encoder="vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2,
-            drop_path=0.0)
+TINY = dict(encoder="vit_tiny_patch16_224", image_size=32, patch_size=8, vit_depth=2, vit_width=32, vit_heads=2,
+            decoder_drop_path=0.0)
 
 
 def _network(classes):

@@ -4,7 +4,7 @@ import pytest
 
 from datamodules.incremental import IncrementalSegmentationDataModule, validation_rows
 from experiments import run
-from experiments.config import apply_overrides
+from experiments.config import ConfigError, apply_overrides
 
 
 def test_validation_rows_are_a_fixed_fraction_of_the_train_split():
@@ -54,3 +54,52 @@ def test_the_test_crop_may_differ_from_the_training_crop(tiny_config):
     module.setup()
     assert module.train_set[0]["image"].shape[-2:] == (24, 24)
     assert module.test_set[0]["image"].shape[-2:] == (32, 32)
+
+
+def test_best_validation_selection_hands_on_the_best_scored_epoch(tiny_config):
+    """checkpoint.select=best_validation (MBS's rule on held-out images, never the test set): the
+    model a step hands on scores, when evaluated again after the step, exactly the best of the
+    scores of its epochs; the record names that epoch."""
+    config = apply_overrides(tiny_config, ["data.validation_fraction=0.25", "methods=[ft]",
+                                           "checkpoint.select=best_validation", "schedule.step0={epochs: 4, lr: 0.05}",
+                                           "schedule.incremental={epochs: 3, lr: 0.01}"])
+    results = run.run_experiment(config)["ft"]
+    for record, key, epochs in zip(results["steps"], ("all_with_bg", "current_no_bg"), (4, 3)):
+        selection = record["selection"]
+        scores = [entry["score"] for entry in selection["history"]]
+        assert [entry["epoch"] for entry in selection["history"]] == list(range(1, epochs + 1))
+        if record["step"] == 0:   # (the tiny step 1 may not learn its new classes at all: all 0)
+            assert len(set(scores)) > 1, "the epochs score differently: the choice is a real one"
+        best = max(range(epochs), key=lambda i: (scores[i], -i))   # the first of equal best scores
+        assert selection["epoch"] == best + 1 and selection["score"] == scores[best]
+        assert record["validation"]["summary"][key] == pytest.approx(scores[best], abs=1e-9)
+
+
+def test_selection_needs_held_out_images(tiny_config):
+    with pytest.raises(ConfigError, match="data.validation_fraction"):
+        apply_overrides(tiny_config, ["checkpoint.select=best_validation"])
+
+
+def test_selection_state_survives_a_checkpoint_round_trip():
+    """What a step's Lightning checkpoint keeps of the selection (a resumed step selects among all
+    of its epochs, the ones before the kill included), and the best state goes back into the network."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from callbacks.selection import BestValidationState
+
+    network = torch.nn.Linear(2, 1)
+    module = SimpleNamespace(network=network, selection_score=0.0)
+    callback = BestValidationState()
+    for epoch, score, weight in ((0, 0.2, 1.0), (1, 0.5, 2.0), (2, 0.4, 3.0)):
+        with torch.no_grad():
+            network.weight.fill_(weight)
+        module.selection_score = score
+        callback.on_validation_end(SimpleNamespace(sanity_checking=False, current_epoch=epoch), module)
+    resumed = BestValidationState()
+    resumed.load_state_dict(callback.state_dict())
+    resumed.on_fit_end(None, module)
+    assert resumed.record()["epoch"] == 2 and resumed.record()["score"] == 0.5
+    assert [e["score"] for e in resumed.record()["history"]] == [0.2, 0.5, 0.4]
+    assert torch.all(network.weight == 2.0)

@@ -8,6 +8,7 @@ from pathlib import Path
 from rich.table import Table
 
 from datamodules.tasks import class_span
+from experiments.config import network_label
 
 
 def _pct(value) -> str:
@@ -21,7 +22,7 @@ def comparison_rows(experiment, results: dict[str, dict]) -> list[dict]:
         first, final = result["steps"][0]["summary"], result["final"]
         paper = expected.get(name)
         rows.append({
-            "method": name,
+            "method": name, "network": network_label((result.get("config") or {}).get("network") or {}),
             "step0_old": first["old_no_bg"],
             "old": final["old_no_bg"], "new": final["new_no_bg"], "all": final["all_no_bg"],
             "all_with_bg": final["all_with_bg"], "hiou": final["hiou_no_bg"],
@@ -40,18 +41,19 @@ def _paper_cell(paper: dict | None) -> str:
     text = "/".join(f"{paper[k]:.1f}" for k in ("old", "new", "all") if k in paper)
     with_bg = [name for name, key in (("old", "old_includes_background"), ("All", "all_includes_background"))
                if paper.get(key)]
-    return text + f" ({'+bg, '.join(with_bg)}+bg)" if with_bg else text
+    text = text + f" ({'+bg, '.join(with_bg)}+bg)" if with_bg else text
+    return text + f" [{paper['network']}]" if paper.get("network") else text
 
 
 def _columns(steps) -> list[tuple[str, str]]:
     old, new = class_span(steps[0]), class_span([c for s in steps[1:] for c in s])
-    return [("method", "Method"), ("step0_old", f"step 0: {old}"), ("old", f"old {old}"),
+    return [("method", "Method"), ("network", "network"), ("step0_old", f"step 0: {old}"), ("old", f"old {old}"),
             ("new", f"new {new}"), ("all", "all"), ("all_with_bg", "all+bg"),
             ("hiou", "hIoU"), ("old_kept", "kept"), ("paper", "paper o/n/a")]
 
 
 def _cells(row: dict) -> list[str]:
-    return [row["method"], *(_pct(row[k]) for k in ("step0_old", "old", "new", "all", "all_with_bg", "hiou")),
+    return [row["method"], row["network"], *(_pct(row[k]) for k in ("step0_old", "old", "new", "all", "all_with_bg", "hiou")),
             "-" if math.isnan(row["old_kept"]) else f"{100 * row['old_kept']:.0f}%", row["paper"]]
 
 
@@ -81,7 +83,7 @@ def print_comparison(console, experiment, rows: list[dict]) -> None:
     table = Table(title=f"{experiment.name} — mIoU (%) after the last step", caption=_caption(experiment),
                   caption_justify="left")
     for key, title in _columns(_steps(experiment)):
-        table.add_column(title, justify="left" if key in ("method", "paper") else "right")
+        table.add_column(title, justify="left" if key in ("method", "network", "paper") else "right")
     for row in rows:
         table.add_row(*_cells(row))
     console.print(table)

@@ -95,12 +95,9 @@ class Method:
     def build_network(self, settings, classes_per_step: list[int], pretrained: bool = True) -> "SegmentationNetwork":
         """The method's network from `settings` (the run's network section). pretrained=False: the
         network is about to receive a saved state, so no encoder weights are loaded for it."""
-        from lightning_modules.network import SegmentationNetwork
+        from lightning_modules.network import build_network
 
-        arguments = settings.model_dump() if hasattr(settings, "model_dump") else dict(settings)
-        if not pretrained:
-            arguments["encoder_weights"] = None
-        return SegmentationNetwork(classes_per_step, **arguments)
+        return build_network(settings, classes_per_step, pretrained)
 
     def load_network(self, settings, state: dict) -> "SegmentationNetwork":
         """A network saved with network.state(), rebuilt with this method's builder."""
