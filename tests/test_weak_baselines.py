@@ -27,7 +27,7 @@ from lightning_modules.methods.base import MethodUnavailable, StepContext
 from lightning_modules.methods.cam import CAMClassifier, cam_pseudo_mask
 from lightning_modules.methods.eps import eps_saliency_loss, spectral_residual_saliency
 from lightning_modules.methods.weak_baseline import multiscale_maps
-from lightning_modules.network import SegmentationNetwork
+from lightning_modules.network import build_network
 from tests.conftest import TINY_OVERRIDES, start_step
 
 REPO = Path(__file__).resolve().parent.parent
@@ -195,7 +195,7 @@ def _step1(config, method_name):
     run_config = config.run_config(method_name)
     method = build_method(method_name, **run_config.hparams)
     steps = [list(range(16)), [16, 17, 18, 19, 20]]
-    network = SegmentationNetwork([16], **{**run_config.network.model_dump(), "encoder_weights": None})
+    network = build_network(run_config.network, [16], pretrained=False)
     old = start_step(network, method, 5)
     return run_config, method, steps, network, old
 
