@@ -386,9 +386,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="output directory (default: runs/<experiment>/; with several experiments DIR/<experiment>/)")
     parser.add_argument("--no-wandb", action="store_true", help="do not log the table to wandb")
     args = parser.parse_args(argv)
-    from rich.console import Console
+    from experiments.reporting.table import table_console
 
-    console = Console()
+    console = table_console()
     runs = Path(args.runs)
     names = args.experiments or experiment_dirs(runs)
     if not names:

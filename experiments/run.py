@@ -17,7 +17,6 @@ import warnings
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations' import-time version check
 
 import pytorch_lightning as pl
-from rich.console import Console
 from rich.markup import escape
 
 from datamodules import datasets
@@ -28,6 +27,7 @@ from experiments import reporting, step0_cache
 from experiments.config import ConfigError, Experiment, apply_overrides, load_experiment, resolve
 from experiments.distributed import agree, is_global_zero, world_size
 from experiments.reporting.qualitative import EXAMPLES_FILE
+from experiments.reporting.table import table_console
 from experiments.reporting.tracking import build_logger, define_task_step_metrics
 from experiments.store import RunStore, run_directory
 from experiments.training import build_step, effective_batch, fit_and_test, lr_scale, uses_sync_batchnorm
@@ -37,7 +37,7 @@ from lightning_modules.metrics import summarize_run
 from lightning_modules.module import NonFiniteLoss
 from lightning_modules.network import PretrainedWeightsUnavailable
 
-console = Console()
+console = table_console()
 
 
 # --- the algorithm ---------------------------------------------------------------------------

@@ -11,6 +11,18 @@ from datamodules.tasks import class_span
 from experiments.config import network_label
 
 
+def table_console():
+    """A rich console for the tables: the terminal's width, or 120 columns in a log file (rich's
+    80 would wrap the network column)."""
+    import os
+    import sys
+
+    from rich.console import Console
+
+    wide = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 120
+    return Console(width=wide)
+
+
 def _pct(value) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
 
