@@ -9,6 +9,7 @@ with the signature it was given), whichever submodule holds it:
   sdr               SDR's prototypes, prototype matching, clustering, sparsity
   mbs               MBS's selective pseudo-labels, adaptive feature and label-guided distillation,
                     orthogonal loss
+  recall            RECALL's background inpainting of the new step's labels
 
 Shapes: logits (B, C, H, W) over the C channels of the current model, in the order
 [bg, step-0 classes, step-1 classes, ...]; labels (B, H, W) of channel indices, 255 ignored.
@@ -19,3 +20,4 @@ from lightning_modules.losses.weak_supervision import *  # noqa: F401,F403
 from lightning_modules.losses.plop import *  # noqa: F401,F403,E402
 from lightning_modules.losses.sdr import *  # noqa: F401,F403,E402
 from lightning_modules.losses.mbs import *  # noqa: F401,F403,E402
+from lightning_modules.losses.recall import *  # noqa: F401,F403,E402
