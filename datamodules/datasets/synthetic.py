@@ -138,23 +138,40 @@ def generate_sample(rng: np.random.Generator, size: int, attributes, friends) ->
         pool = friends[classes[0] - 1] if rng.random() < 0.7 else range(1, NUM_CLASSES + 1)
         classes.append(int(rng.choice(list(pool))))
     for cls in classes:
-        shape, appearance = attributes[cls - 1]
-        first, second, texture = APPEARANCES[appearance]
-        for _attempt in range(10):  # keep objects mostly unoccluded
-            radius = rng.uniform(0.14, 0.24) * size
-            cy, cx = rng.uniform(radius, size - radius, 2)
-            region = _shape_mask(shape, size, cy, cx, radius, rng.uniform(0, 2 * np.pi))
-            if (labels[region] != 0).mean() < 0.3:
-                break
-        weight = _texture(texture, size, rng)[..., None]
-        jitter = rng.uniform(0.8, 1.15)
-        colour = ((1 - weight) * np.array(first) + weight * np.array(second)) * jitter
-        colour += rng.normal(0, 8, colour.shape)
-        image[region] = colour[region]
-        labels[region] = cls
+        _draw_object(image, labels, rng, size, cls, attributes)
     mask = labels.copy()
     mask[_void_border(labels)] = 255
     return np.clip(image, 0, 255).astype(np.uint8), mask
+
+
+def _draw_object(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, size: int, cls: int,
+                 attributes, radius_range=(0.14, 0.24)) -> None:
+    """One object of class `cls` drawn into image (float) and labels, in place."""
+    shape, appearance = attributes[cls - 1]
+    first, second, texture = APPEARANCES[appearance]
+    for _attempt in range(10):  # keep objects mostly unoccluded
+        radius = rng.uniform(*radius_range) * size
+        cy, cx = rng.uniform(radius, size - radius, 2)
+        region = _shape_mask(shape, size, cy, cx, radius, rng.uniform(0, 2 * np.pi))
+        if (labels[region] != 0).mean() < 0.3:
+            break
+    weight = _texture(texture, size, rng)[..., None]
+    jitter = rng.uniform(0.8, 1.15)
+    colour = ((1 - weight) * np.array(first) + weight * np.array(second)) * jitter
+    colour += rng.normal(0, 8, colour.shape)
+    image[region] = colour[region]
+    labels[region] = cls
+
+
+def generate_class_image(rng: np.random.Generator, size: int, attributes, cls: int) -> np.ndarray:
+    """An image of class `cls` alone (one or two instances, larger than in the scenes) on a
+    cluttered background: the embedded stand-in for a class-conditional generator's image (RECALL's
+    replay pool). Its mask is not returned: replay labels come from the models."""
+    image = _background(size, rng)
+    labels = np.zeros((size, size), dtype=np.uint8)
+    for _ in range(int(rng.choice([1, 2], p=[0.7, 0.3]))):
+        _draw_object(image, labels, rng, size, cls, attributes, radius_range=(0.2, 0.32))
+    return np.clip(image, 0, 255).astype(np.uint8)
 
 
 def ensure_generated(data_root: Path, train: int = 2000, val: int = 500, size: int = 80, seed: int = 0) -> Path:
