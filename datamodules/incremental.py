@@ -255,18 +255,27 @@ class IncrementalSegmentationDataModule(pl.LightningDataModule):
         return ImageLabelled(self.located.train, self.train_indices, labels, train_transform(self.crop_size, self.train_scale),
                              seed=self.seed, on_unreadable=self.on_unreadable, cache_decoded=self.cache_decoded)
 
-    def pixel_labelled_training_set(self, masks: list[Path] | None = None) -> PixelLabelled:
+    def pixel_labelled_training_set(self, masks: list[Path] | None = None, old_classes: str | None = None,
+                                    files: SplitFiles | None = None) -> PixelLabelled:
         """The step's training images with pixel labels through the train lookup of PROTOCOL.md §4:
         their ground-truth masks, or `masks` (one file per train row of the split, in dataset ids,
-        e.g. a weak baseline's pseudo-masks) in their place."""
-        files = self.located.train
-        if masks is not None:
-            if len(masks) != len(files):
-                raise ValueError(f"{len(masks)} mask files for a train split of {len(files)} images")
-            files = SplitFiles(files.ids, files.images, [Path(m) for m in masks])
+        e.g. a weak baseline's pseudo-masks) in their place. old_classes: the lookup's treatment of
+        old-class ids ("background" or "kept"; the method's by default), "kept" for masks whose old
+        classes a model wrote (RECALL's inpainting). `files`: other images with their masks (every
+        row of them: RECALL's replay pool), augmented the same way."""
+        rows = self.train_indices
+        if files is not None:
+            rows = np.arange(len(files), dtype=np.int64)
+        else:
+            files = self.located.train
+            if masks is not None:
+                if len(masks) != len(files):
+                    raise ValueError(f"{len(masks)} mask files for a train split of {len(files)} images")
+                files = SplitFiles(files.ids, files.images, [Path(m) for m in masks])
         lookup = label_lookup(self.steps, self.step, "train", void_as_background=self.void_as_background,
-                              old_classes=self.old_labels, background_is_unlabeled=self.located.background_is_unlabeled)
-        return PixelLabelled(files, self.train_indices, lookup, train_transform(self.crop_size, self.train_scale),
+                              old_classes=old_classes or self.old_labels,
+                              background_is_unlabeled=self.located.background_is_unlabeled)
+        return PixelLabelled(files, rows, lookup, train_transform(self.crop_size, self.train_scale),
                              seed=self.seed, on_unreadable=self.on_unreadable, cache_decoded=self.cache_decoded)
 
     def set_training_sources(self, sources: TrainingSources) -> None:

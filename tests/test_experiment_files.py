@@ -19,6 +19,7 @@ from experiments import run
 from experiments.config import experiment_names, load_experiment, resolve
 from experiments.store import run_directory
 from lightning_modules.methods import METHODS, build_method
+from lightning_modules.methods.recall import RECALL
 from lightning_modules.methods.weak_baseline import WeakBaseline
 from tests.conftest import TINY_SEGMENTER, tiny_weak_baseline, write_voc_tree
 from tests.fake_coco import make_coco_voc_tree
@@ -64,12 +65,27 @@ def make_ade_coverage_tree(data_root):
                 Image.fromarray(mask, mode="L").save(ade / "annotations" / directory / f"{name}.png")
 
 
+def make_replay_pool(pool, dataset: str, per_class: int = 2):
+    """RECALL's replay pool in its layout (<pool>/<class name>/*.jpg), random images."""
+    from datamodules.datasets import class_names
+    from datamodules.replay_pool import class_directory
+
+    rng = np.random.default_rng(1)
+    for cls, name in class_names(dataset).items():
+        if cls == 0:
+            continue
+        class_directory(pool, name).mkdir(parents=True)
+        for k in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)).save(class_directory(pool, name) / f"{k}.jpg")
+
+
 @pytest.fixture(scope="module")
 def data_roots(tmp_path_factory):
     """One generated data root per dataset of the experiment files."""
     roots = {"synthetic": tmp_path_factory.mktemp("synthetic")}
     roots["voc"] = tmp_path_factory.mktemp("voc")
     make_voc_coverage_tree(roots["voc"])
+    make_replay_pool(roots["voc"] / "recall_pool" / "voc", "voc")
     roots["ade"] = tmp_path_factory.mktemp("ade")
     make_ade_coverage_tree(roots["ade"])
     roots["coco-voc"] = tmp_path_factory.mktemp("coco")
@@ -108,6 +124,8 @@ def smoke_config(name: str, data_root, tmp_path):
             entry["schedule"] = {phase: {**schedule, "epochs": 1} for phase, schedule in entry["schedule"].items()}
         if name in METHODS and issubclass(METHODS[name], WeakBaseline):
             config["methods"][name] = {**(entry or {}), **tiny_weak_baseline(METHODS[name], SIZE)}
+        if name in METHODS and issubclass(METHODS[name], RECALL):   # the embedded pool rendered small
+            config["methods"][name] = {**(config["methods"][name] or {}), "embedded_pool_size": 2}
         if _network_kind(name, entry) == "segmenter":   # MBS's ViT-B/16 (or the embedded ViT) made tiny
             config["methods"][name] = {**(entry or {}), "network": dict(TINY_SEGMENTER)}
     config["trainer"] = {**(config.get("trainer") or {}), "devices": 1, "limit_train_batches": 2,
