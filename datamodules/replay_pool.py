@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-POOL_VERSION = 1
+POOL_VERSION = 2   # 2: objects at the scenes' scale
 
 
 class ReplayPoolMissing(FileNotFoundError):

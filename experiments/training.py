@@ -110,6 +110,7 @@ class Step:
     module: IncrementalSegmentationModule
     callbacks: list
     stage_directory: Path | None = None
+    epochs: int | None = None          # the step's epochs, when the method sets them (training_epochs)
 
 
 def build_step(config, method, steps, step: int, network, old_network=None, class_names=None) -> Step:
@@ -129,7 +130,21 @@ def build_step(config, method, steps, step: int, network, old_network=None, clas
         context.stage_directory = run_stage_once(method, context, config.cache_dir)
         datamodule.set_training_sources(method.training_data(context, datamodule.training_sources))
     module = build_module(config, method, steps, step, network, class_names)
-    return Step(datamodule, module, [TeacherCallback(old_network)], context.stage_directory)
+    epochs = method.training_epochs(context, step_schedule(config, step).epochs, updates_per_epoch(config, datamodule))
+    return Step(datamodule, module, [TeacherCallback(old_network)], context.stage_directory, epochs)
+
+
+def updates_per_epoch(config, datamodule) -> int:
+    """Optimizer updates in one epoch of the step's training sources (the sampler's whole global
+    batches; with several sources, k times those of source 0), for any number of processes."""
+    from datamodules.sampling import InterleavedTrainingSampler
+
+    world, accumulation = world_size(config.trainer), config.trainer.accumulate_grad_batches
+    sizes = [len(d) for d in datamodule.training_sources.datasets]
+    batch = min(config.data.batch_size, sizes[0] // (world * accumulation))
+    if batch < 1:
+        return 0
+    return InterleavedTrainingSampler(sizes, batch, 0, 0, world, accumulation).num_batches // accumulation
 
 
 # --- fit and test -------------------------------------------------------------------------------
@@ -145,7 +160,7 @@ def fit_and_test(config, built: Step, logger, train: bool = True, checkpoint_fil
     datamodule, module, step = built.datamodule, built.module, built.module.step
     schedule = step_schedule(config, step)
     selection = BestValidationState() if train and config.checkpoint.select == "best_validation" else None
-    trainer = build_trainer(config, schedule.epochs, logger, built.callbacks + ([selection] if selection else []),
+    trainer = build_trainer(config, built.epochs or schedule.epochs, logger, built.callbacks + ([selection] if selection else []),
                             checkpoint_file=checkpoint_file if train else None)
     started = time.time()
     if train:

@@ -16,7 +16,7 @@ from datamodules.tasks import channel_order, task_classes
 from experiments import run, step0_cache
 from experiments.config import apply_overrides
 from experiments.store import run_directory
-from experiments.training import build_datamodule
+from experiments.training import build_datamodule, updates_per_epoch
 from lightning_modules.methods import build_method
 from lightning_modules.methods.base import MethodUnavailable, StepContext
 from lightning_modules.methods.recall import RECALL
@@ -117,6 +117,12 @@ def test_batches_alternate_new_and_replay_the_same_for_one_and_two_processes(tin
     for b, batch in enumerate(global_batches[1]):   # counted from 0: even ones the step's images, odd ones replay
         assert all((index < n_new) == (b % 2 == 0) for index in batch), b
     assert len(global_batches[1]) == 2 * (n_new // 4)
+    # RECALL's schedule unit: updates per new class, rounded up to whole epochs of these batches
+    dm.trainer, dm.batch_size = None, 4
+    updates = updates_per_epoch(run_config, dm)
+    assert updates == len(global_batches[1])
+    assert RECALL(iterations_per_class=7).training_epochs(context, 10, updates) == -(-7 * 5 // updates)
+    assert RECALL().training_epochs(context, 10, updates) == 10      # 0: the experiment's epochs
     # the replay source's labels are the stage's files (never a mask of the dataset)
     assert all(Path(m).is_relative_to(tmp_path / "replay") for m in sources.datasets[1].files.masks)
 

@@ -164,13 +164,15 @@ def _draw_object(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator
 
 
 def generate_class_image(rng: np.random.Generator, size: int, attributes, cls: int) -> np.ndarray:
-    """An image of class `cls` alone (one or two instances, larger than in the scenes) on a
-    cluttered background: the embedded stand-in for a class-conditional generator's image (RECALL's
-    replay pool). Its mask is not returned: replay labels come from the models."""
+    """An image of class `cls` alone (one or two instances, at the scenes' scale) on a cluttered
+    background: the embedded stand-in for a class-conditional generator's image (RECALL's replay
+    pool). Its mask is not returned: replay labels come from the models. (At the scenes' scale the
+    default step-0 model labels half as many of their pixels with a wrong class as on objects 1.4x
+    larger: 5.7 % against 11.7 % of the image.)"""
     image = _background(size, rng)
     labels = np.zeros((size, size), dtype=np.uint8)
     for _ in range(int(rng.choice([1, 2], p=[0.7, 0.3]))):
-        _draw_object(image, labels, rng, size, cls, attributes, radius_range=(0.2, 0.32))
+        _draw_object(image, labels, rng, size, cls, attributes)
     return np.clip(image, 0, 255).astype(np.uint8)
 
 

@@ -19,6 +19,8 @@ meets them (every hook has a default that does nothing special):
                       rank 0 into a cached directory
                     training_data(context, default): the step's training sources (e.g. a
                       replay pool beside the step's images, pseudo-masks instead of no mask)
+                    training_epochs(context, epochs, updates_per_epoch): the step's length (RECALL's
+                      iterations per new class)
                     training_pass(module, batch) / after_training_pass(module, totals): one pass
                       over the step's training images with the old model before training,
                       integer statistics summed over processes, kept in the step's checkpoint
@@ -152,6 +154,12 @@ class Method:
         (RECALL's replay pool: global batches alternate between the sources) or replace the
         labels (a weak baseline's pseudo-masks from its stage directory)."""
         return default
+
+    def training_epochs(self, context: StepContext, epochs: int, updates_per_epoch: int) -> int:
+        """The step's epochs: the experiment's schedule by default. A method whose code counts its
+        schedule otherwise (RECALL: iterations per new class) converts it here; updates_per_epoch
+        is the number of optimizer updates in one epoch of the step's training sources."""
+        return epochs
 
     # --- the pass over the training images before training --------------------------------------
     uses_training_pass: ClassVar[bool] = False

@@ -20,10 +20,10 @@ Segmentation"), as its official code trains (LTTM/RECALL, TensorFlow 1; shared/d
 - `recall_noreplay` (recall_noreplay.py; the code's FINE_TUNING configs, `interleave_ratio_old = 0`):
   the inpainting alone, no pool: an ablation, not RECALL.
 
-Not yet: the helper decoders that label the replay images of classes added after step 0 (needed
-from the third step of a task on), and RECALL's schedule counted in iterations per new class; the
-step count here is the experiment's epochs (an epoch with replay has twice the batches of the step's
-images alone).
+The schedule: the experiment's epochs (an epoch with replay has twice the batches of the step's
+images alone), or RECALL's unit, `iterations_per_class` (updates per new class, rounded up to whole
+epochs). Not yet: the helper decoders that label the replay images of classes added after step 0
+(needed from a task's third step on): RECALL refuses such tasks at step 1, in one line.
 """
 from __future__ import annotations
 
@@ -67,6 +67,15 @@ class RECALL(Method):
     pool: str | None = None            # <pool>/<class name>/*; null: <data root>/recall_pool/<dataset>
     pool_images_per_class: int = 0     # 0: every image of a class in the pool; n: its first n (file-name order)
     embedded_pool_size: int = 40       # images per class the suite renders for the embedded dataset
+    # RECALL's schedule unit: optimizer updates per new class of the step (1,000 disjoint, 1,500 overlapped
+    # in its code, at batch 4), rounded up to whole epochs; 0: the experiment's epochs
+    iterations_per_class: int = 0
+
+    def training_epochs(self, context: StepContext, epochs: int, updates_per_epoch: int) -> int:
+        if context.step == 0 or not self.iterations_per_class or updates_per_epoch < 1:
+            return epochs
+        iterations = self.iterations_per_class * len(context.steps[context.step])
+        return -(-iterations // updates_per_epoch)
 
     # --- the pool ---------------------------------------------------------------------------------
     def pool_directory(self, config) -> Path:
