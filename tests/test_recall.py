@@ -141,12 +141,34 @@ def test_without_a_pool_recall_stops_with_one_line_and_the_ablation_needs_none(t
     assert len(ablation.training_data(staged, dm.training_sources).datasets) == 1
 
 
-def test_recall_says_at_step_1_that_longer_tasks_need_what_is_not_built_yet(tiny_config):
-    """Replay labels of classes added after step 0 need RECALL's helper decoders (not yet): a task
-    of three or more steps is refused before its step 1 trains; the ablation runs it."""
-    run_config, steps, recall, old, dm = _step1(tiny_config)
-    three_steps = [steps[0], steps[1][:3], steps[1][3:]]
-    context = StepContext(config=run_config, steps=three_steps, step=1, datamodule=dm, old_network=old)
-    with pytest.raises(MethodUnavailable, match="helper decoders"):
-        recall.stage_key(context)
-    assert build_method("recall_noreplay").stage_key(context)["steps"] == three_steps
+def test_longer_tasks_label_later_classes_by_their_helper_decoder(tiny_config):
+    """From the third step on, replay images of step s's classes are labelled by step s's helper
+    decoder (only those classes and background), those of step-0 classes by the carried step-0 model."""
+    task = "[[" + ", ".join(str(c) for c in range(16)) + "], [16, 17], [18, 19, 20]]"
+    config = apply_overrides(tiny_config, [*TINY_RECALL, f"data.task={task}", "data.mode=overlap",
+                                           "data.options.synthetic={train: 96, val: 16, size: 40, seed: 0}",
+                                           "methods.recall.helper_iterations_per_class=2"])
+    results = run.run_experiment(config)["recall"]
+    assert results["complete"] and len(results["steps"]) == 3
+    steps = [list(range(16)), [16, 17], [18, 19, 20]]
+    stage1, stage2 = (Path(results["steps"][t]["stage"]["directory"]) for t in (1, 2))
+    assert (stage1 / "helper.pt").exists() and not (stage2 / "helper.pt").exists(), "no later step follows step 2"
+    recall = build_method("recall", **config.run_config("recall").hparams)
+    pool = recall.replay_images(SimpleNamespace(config=config.run_config("recall"), steps=steps, step=2))
+    for cls in (16, 17):
+        for path in pool[cls]:
+            assert set(np.unique(load_mask(recall.replay_label_path(stage2, path)))) <= {0, 16, 17}
+    # a step-0 class's replay image: the step-0 model's argmax (the cached model, in fp32 as the run)
+    run_config = config.run_config("recall")
+    step0 = step0_cache.load(step0_cache.model_path(run_config, recall, steps), recall, run_config).eval()
+    path = pool[3][0]
+    with torch.no_grad():
+        expected = step0(_NORMALISE(image=load_image(path))["image"][None])["logits"].argmax(dim=1)[0].numpy()
+    np.testing.assert_array_equal(load_mask(recall.replay_label_path(stage2, path)), np.arange(16)[expected])
+    # the helper learnt on the frozen encoder: its encoder and batch norms are the step-0 model's
+    helper = torch.load(stage1 / "helper.pt", weights_only=True)
+    assert helper["classes_per_step"] == [3]
+    reference = step0.state_dict()
+    for key, value in helper["state_dict"].items():
+        if key.startswith("encoder.") or _is_batchnorm(key, reference):
+            assert torch.equal(value, reference[key]), key

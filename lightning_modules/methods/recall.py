@@ -22,8 +22,13 @@ Segmentation"), as its official code trains (LTTM/RECALL, TensorFlow 1; shared/d
 
 The schedule: the experiment's epochs (an epoch with replay has twice the batches of the step's
 images alone), or RECALL's unit, `iterations_per_class` (updates per new class, rounded up to whole
-epochs). Not yet: the helper decoders that label the replay images of classes added after step 0
-(needed from a task's third step on): RECALL refuses such tasks at step 1, in one line.
+epochs).
+
+From a task's third step on, replay images of a class added at step s >= 1 are labelled by step s's
+helper decoder: trained at step s in the stage (on the frozen encoder, step s's images and classes
+only, background included; poly lr 2e-4 over 1,000 updates per class at batch 4, as the code) and
+carried on with the method's state, as is the step-0 model's decoder and classifier, which labels
+the step-0 classes' replay images.
 """
 from __future__ import annotations
 
@@ -58,6 +63,26 @@ def frozen_by_recall(network: nn.Module) -> list[nn.Module]:
     return [network.encoder, *(m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))]
 
 
+class FrozenEncoder(nn.Module):
+    """A network trained as RECALL trains after step 0 (its helper decoders): train() leaves the
+    encoder and every batch norm in eval mode, and their parameters take no gradient."""
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.network = network
+        for module in frozen_by_recall(network):
+            module.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for module in frozen_by_recall(self.network):
+            module.eval()
+        return self
+
+    def forward(self, images):
+        return self.network(images)
+
+
 @dataclass
 class RECALL(Method):
     name = "recall"
@@ -70,6 +95,12 @@ class RECALL(Method):
     # RECALL's schedule unit: optimizer updates per new class of the step (1,000 disjoint, 1,500 overlapped
     # in its code, at batch 4), rounded up to whole epochs; 0: the experiment's epochs
     iterations_per_class: int = 0
+    # The helper decoder of each step s >= 1 that a later step follows (it labels the replay images of
+    # step s's classes): trained on the frozen encoder with step s's images and classes only (+ background),
+    # poly lr 2e-4 over 1,000 updates per class at batch 4, as RECALL's code
+    helper_lr: float = 2e-4
+    helper_iterations_per_class: int = 1000
+    helper_batch_size: int = 4
 
     def training_epochs(self, context: StepContext, epochs: int, updates_per_epoch: int) -> int:
         if context.step == 0 or not self.iterations_per_class or updates_per_epoch < 1:
@@ -105,10 +136,6 @@ class RECALL(Method):
 
     # --- the stage: inpainted labels and replay labels, once per step ---------------------------
     def stage_key(self, context: StepContext) -> dict:
-        if self.replay and len(context.steps) > 2:   # said at step 1, before anything of the task is trained
-            raise MethodUnavailable(
-                "RECALL's helper decoders (replay labels of classes added after step 0) are not built yet: "
-                "RECALL runs two-step tasks here (15-5, 10-10, 19-1); recall_noreplay runs every task")
         dm, config = context.datamodule, context.config
         ids = [str(dm.located.train.ids[int(r)]) for r in dm.train_indices]
         pool = {}
@@ -117,7 +144,23 @@ class RECALL(Method):
         return {"dataset": config.data.dataset, "options": config.data.options, "steps": context.steps,
                 "mode": config.data.mode, "images": hashlib.sha1(json.dumps(ids).encode()).hexdigest(),
                 "old_network": network_digest(context.old_network), "pool": pool,
-                "precision": self._precision(config), "version": 1}
+                "labellers": self._carried_digest(), "helper": self._trains_helper(context) and self.helper_settings(),
+                "precision": self._precision(config), "version": 2}
+
+    def helper_settings(self) -> dict:
+        return {"lr": self.helper_lr, "iterations_per_class": self.helper_iterations_per_class,
+                "batch_size": self.helper_batch_size}
+
+    def _trains_helper(self, context: StepContext) -> bool:
+        """A step s >= 1 trains a helper decoder when a later step will replay its classes."""
+        return self.replay and 1 <= context.step < len(context.steps) - 1
+
+    def _carried_digest(self) -> str:
+        digest = hashlib.sha1()
+        for name in sorted(self.carried):
+            digest.update(name.encode())
+            digest.update(self.carried[name].detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     def _precision(self, config) -> str:
         from experiments.config import resolve_precision
@@ -160,14 +203,76 @@ class RECALL(Method):
             return
         from lightning_modules.methods.weak_baseline import _NORMALISE
 
-        paths = [p for images in self.replay_images(context).values() for p in images]
+        images = self.replay_images(context)
+        for origin in range(step):   # the classes of each earlier step, labelled by the model that knows them
+            paths = [p for c in context.steps[origin] if c in images for p in images[c]]
+            labeller, ids = self.labeller(context, origin, device)
 
-        def replay_label(i: int, temporary: Path) -> None:
-            image = _NORMALISE(image=load_image(paths[i]))["image"][None]
-            save_mask(temporary, to_dataset[old_logits(image).argmax(dim=1)[0].cpu().numpy()])
+            @torch.no_grad()
+            def replay_label(i: int, temporary: Path, labeller=labeller, ids=ids, paths=paths) -> None:
+                image = _NORMALISE(image=load_image(paths[i]))["image"][None].to(device)
+                with torch.autocast(device_type=device, dtype=autocast, enabled=autocast is not None):
+                    logits = labeller(image)["logits"].float()
+                save_mask(temporary, ids[logits.argmax(dim=1)[0].cpu().numpy()])
 
-        write_per_image(range(len(paths)), lambda i: self.replay_label_path(directory, paths[i]), replay_label,
-                        f"{self.name} step {step}: replay labels", config.trainer.progress)
+            write_per_image(range(len(paths)), lambda i, paths=paths: self.replay_label_path(directory, paths[i]),
+                            replay_label, f"{self.name} step {step}: replay labels of step {origin}'s classes",
+                            config.trainer.progress)
+        if self._trains_helper(context):
+            self.train_helper(context, directory, device, autocast)
+
+    # --- the labellers of the replay images, and the helper decoders ------------------------------
+    def labeller(self, context: StepContext, origin: int, device: str) -> tuple[nn.Module, np.ndarray]:
+        """The network that labels replay images of step `origin`'s classes, and its channels'
+        dataset ids: at step 1 the old model (the step-0 model); later the step-0 model (the frozen
+        encoder + the step-0 decoder and classifier, carried) for step-0 classes, and step s's helper
+        decoder (carried) for step s's classes, which knows only those classes and background."""
+        from datamodules.tasks import channel_order
+
+        if context.step == 1:
+            return context.old_network.to(device).eval(), np.array(channel_order(context.steps, 0), dtype=np.uint8)
+        classes = [len(context.steps[0])] if origin == 0 else [1 + len(context.steps[origin])]
+        ids = channel_order(context.steps, 0) if origin == 0 else [0, *context.steps[origin]]
+        prefix = "step0/" if origin == 0 else f"helper{origin}/"
+        encoder = {k: v for k, v in context.old_network.state_dict().items() if k.startswith("encoder.")}
+        head = {k[len(prefix):]: v for k, v in self.carried.items() if k.startswith(prefix)}
+        if not head:
+            raise RuntimeError(f"{self.name}: no carried {prefix[:-1]} decoder at step {context.step} (its step did not keep it)")
+        network = self.load_network(context.config.network, {"state_dict": {**encoder, **head}, "classes_per_step": classes})
+        return network.to(device).eval(), np.array(ids, dtype=np.uint8)
+
+    def train_helper(self, context: StepContext, directory: Path, device: str, autocast) -> None:
+        """Step s's helper decoder: the old model's encoder (frozen since step 0) and decoder (its
+        start), a new classifier for background + step s's classes, trained on step s's images with
+        those classes only (every other class is background there), poly lr over RECALL's updates;
+        written to the stage directory (training_data carries it on)."""
+        from lightning_modules.methods.weak_baseline import stage_random_state, train_stage_network
+        from lightning_modules.network import build_network
+
+        config, dm, step = context.config, context.datamodule, context.step
+        n_old, classes = sum(len(c) for c in context.steps[:step]), context.steps[step]
+        with stage_random_state(config.seed + step, device):
+            helper = build_network(config.network, [1 + len(classes)], pretrained=False)
+        old = context.old_network.state_dict()
+        helper.load_state_dict({k: v for k, v in old.items() if k.startswith(("encoder.", "decoder."))}, strict=False)
+        wrapped = FrozenEncoder(helper)
+        dataset = dm.pixel_labelled_training_set()   # channel ids: the step's classes n_old.., the rest 0
+        batch = min(self.helper_batch_size, len(dataset))
+        updates = self.helper_iterations_per_class * len(classes)
+        epochs = max(1, -(-updates // max(1, len(dataset) // batch)))
+
+        def loss(network, item, progress):
+            labels = item["label"]
+            labels = torch.where((labels >= n_old) & (labels != 255), labels - n_old + 1, labels)
+            value = cross_entropy(network(item["image"])["logits"], labels)
+            return value, {"ce": value}
+
+        trained = train_stage_network(
+            wrapped, loss, dataset, [{"params": [p for p in helper.parameters() if p.requires_grad], "lr": self.helper_lr}],
+            epochs=epochs, batch_size=batch, seed=config.seed + step, checkpoint=directory / "helper-training.pt",
+            momentum=0.9, weight_decay=1e-4, device=device, autocast_dtype=autocast,
+            description=f"{self.name} step {step}: helper decoder", progress=config.trainer.progress)
+        torch.save(trained.network.cpu().state(), directory / "helper.pt")
 
     @staticmethod
     def inpainted_path(directory: Path, image_id: str) -> Path:
@@ -184,6 +289,13 @@ class RECALL(Method):
         from datamodules.incremental import TrainingSources
 
         directory, dm = Path(context.stage_directory), context.datamodule
+        if self.replay and context.step == 1 and len(context.steps) > 2:   # the step-0 model's head, for later steps
+            self.carried.update({f"step0/{k}": v.detach().cpu().clone() for k, v in context.old_network.state_dict().items()
+                                 if k.startswith(("decoder.", "classifier."))})
+        if self._trains_helper(context):
+            helper = torch.load(directory / "helper.pt", map_location="cpu", weights_only=True)["state_dict"]
+            self.carried.update({f"helper{context.step}/{k}": v for k, v in helper.items()
+                                 if k.startswith(("decoder.", "classifier."))})
         train = set(int(r) for r in dm.train_indices)
         missing = directory / "not-a-training-image-of-this-step.png"
         masks = [self.inpainted_path(directory, image_id) if row in train else missing
