@@ -110,8 +110,14 @@ class RECALL(Method):
 
     # --- the pool ---------------------------------------------------------------------------------
     def pool_directory(self, config) -> Path:
+        """The user's pool (`pool`), else <data root>/recall_pool/<dataset>; the embedded dataset's
+        rendered pool in a directory of its own parameters (other sizes never overwrite it)."""
         if self.pool:
             return Path(self.pool)
+        if config.data.dataset == "synthetic":
+            options = (config.data.options or {}).get("synthetic", {})
+            name = f"synthetic-{options.get('size', 80)}px-seed{options.get('seed', 0)}-{self.embedded_pool_size}"
+            return Path(config.data.root) / "recall_pool" / name
         return Path(config.data.root) / "recall_pool" / config.data.dataset
 
     def replay_images(self, context: StepContext) -> dict[int, list[Path]]:
