@@ -298,24 +298,30 @@ class IncrementalSegmentationDataModule(pl.LightningDataModule):
     def _accumulation(self) -> int:
         return int(getattr(self.trainer, "accumulate_grad_batches", 1) or 1) if self.trainer is not None else 1
 
-    def train_dataloader(self) -> DataLoader:
-        # Whole global batches only (the sampler drops the rest): a last batch of one image breaks
-        # batch norm in DeepLab's pooling branch.
-        rank, world = self._rank_and_world()
-        accumulation = self._accumulation()
+    def _training_sampler(self, rank: int, world: int, accumulation: int):
+        """(per-process batch, sampler) of the step's training sources: whole global batches only
+        (the sampler drops the rest: a last batch of one image breaks batch norm in DeepLab's
+        pooling branch); with several sources their global batches alternate."""
         sources = self.training_sources.datasets
         batch = min(self.batch_size, len(sources[0]) // (world * accumulation))
         if batch < 1:
             raise ValueError(f"step {self.step} has {len(sources[0])} training images, fewer than one per "
                              f"process and accumulated batch ({world} x {accumulation})")
         if len(sources) == 1:
-            dataset = sources[0]
-            sampler = EpochTrainingSampler(len(dataset), batch, self.seed, rank, world, accumulation=accumulation)
-        else:
-            dataset = ConcatDataset(sources)
-            sampler = InterleavedTrainingSampler([len(d) for d in sources], batch, self.seed, rank, world,
+            return batch, EpochTrainingSampler(len(sources[0]), batch, self.seed, rank, world, accumulation=accumulation)
+        return batch, InterleavedTrainingSampler([len(d) for d in sources], batch, self.seed, rank, world,
                                                  accumulation=accumulation)
-        return DataLoader(_EpochKeyed(dataset) if len(sources) > 1 else dataset, batch_size=batch, sampler=sampler,
+
+    def updates_per_epoch(self, world: int, accumulation: int = 1) -> int:
+        """Optimizer updates in one training epoch with `world` processes (the same on every rank)."""
+        return self._training_sampler(0, world, accumulation)[1].num_batches // accumulation
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._rank_and_world()
+        batch, sampler = self._training_sampler(rank, world, self._accumulation())
+        sources = self.training_sources.datasets
+        dataset = sources[0] if len(sources) == 1 else _EpochKeyed(ConcatDataset(sources))
+        return DataLoader(dataset, batch_size=batch, sampler=sampler,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                           pin_memory=torch.cuda.is_available(), collate_fn=collate_skipping)
 

@@ -26,6 +26,7 @@ import copy
 import dataclasses
 import functools
 import os
+import re
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -131,8 +132,6 @@ def network_label(network: dict) -> str:
     """A short name of a run's network (a NetworkConfig or its saved dict), for the tables: a row
     never hides whether it is a ResNet or a ViT row. "DeepLabV3 R-101", "Segmenter ViT-B/16", or
     "Segmenter ViT w64 d4 p4" for a ViT of its own shape (width, depth, patch)."""
-    import re
-
     network = network.model_dump() if hasattr(network, "model_dump") else dict(network or {})
     if not network:   # a results file of the layout before networks were recorded
         return "-"

@@ -110,7 +110,7 @@ class Step:
     module: IncrementalSegmentationModule
     callbacks: list
     stage_directory: Path | None = None
-    epochs: int | None = None          # the step's epochs, when the method sets them (training_epochs)
+    epochs: int | None = None          # a step t >= 1's epochs, as the method sets them (training_epochs)
 
 
 def build_step(config, method, steps, step: int, network, old_network=None, class_names=None) -> Step:
@@ -130,21 +130,11 @@ def build_step(config, method, steps, step: int, network, old_network=None, clas
         context.stage_directory = run_stage_once(method, context, config.cache_dir)
         datamodule.set_training_sources(method.training_data(context, datamodule.training_sources))
     module = build_module(config, method, steps, step, network, class_names)
-    epochs = method.training_epochs(context, step_schedule(config, step).epochs, updates_per_epoch(config, datamodule))
+    epochs = None
+    if step > 0:   # a method's own step length (step 0's belongs to the cached model's key: the schedule's)
+        updates = datamodule.updates_per_epoch(world_size(config.trainer), config.trainer.accumulate_grad_batches)
+        epochs = method.training_epochs(context, step_schedule(config, step).epochs, updates)
     return Step(datamodule, module, [TeacherCallback(old_network)], context.stage_directory, epochs)
-
-
-def updates_per_epoch(config, datamodule) -> int:
-    """Optimizer updates in one epoch of the step's training sources (the sampler's whole global
-    batches; with several sources, k times those of source 0), for any number of processes."""
-    from datamodules.sampling import InterleavedTrainingSampler
-
-    world, accumulation = world_size(config.trainer), config.trainer.accumulate_grad_batches
-    sizes = [len(d) for d in datamodule.training_sources.datasets]
-    batch = min(config.data.batch_size, sizes[0] // (world * accumulation))
-    if batch < 1:
-        return 0
-    return InterleavedTrainingSampler(sizes, batch, 0, 0, world, accumulation).num_batches // accumulation
 
 
 # --- fit and test -------------------------------------------------------------------------------

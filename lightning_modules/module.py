@@ -177,8 +177,7 @@ class IncrementalSegmentationModule(pl.LightningModule):
 
     # --- testing ------------------------------------------------------------------------------
     def on_test_epoch_start(self) -> None:
-        self.test_confmat = MulticlassConfusionMatrix(self.num_classes, ignore_index=255,
-                                                      validate_args=False).to(self.device)
+        self.test_confmat = self._confusion_matrix()
 
     def on_train_epoch_end(self) -> None:
         if self.unreadable:  # every rank reports its own
@@ -186,14 +185,18 @@ class IncrementalSegmentationModule(pl.LightningModule):
                            f"skipped so far (data.on_unreadable=skip); first: {self.unreadable[0]}")
 
     # --- validation during fit (checkpoint.select=best_validation): the held-out training images -----
+    def _confusion_matrix(self) -> MulticlassConfusionMatrix:
+        return MulticlassConfusionMatrix(self.num_classes, ignore_index=255, validate_args=False).to(self.device)
+
+    def _score(self, confmat: MulticlassConfusionMatrix, batch) -> None:
+        batch = self._to_memory_format(batch)
+        confmat.update(self.network(batch["image"])["logits"].argmax(dim=1), batch["label"])
+
     def on_validation_epoch_start(self) -> None:
-        self.validation_confmat = MulticlassConfusionMatrix(self.num_classes, ignore_index=255,
-                                                            validate_args=False).to(self.device)
+        self.validation_confmat = self._confusion_matrix()
 
     def validation_step(self, batch, batch_index):
-        batch = self._to_memory_format(batch)
-        logits = self.network(batch["image"])["logits"]
-        self.validation_confmat.update(logits.argmax(dim=1), batch["label"])
+        self._score(self.validation_confmat, batch)
 
     def on_validation_epoch_end(self) -> None:
         """selection_score: MBS's rule, the mean IoU of the step's own classes, background
@@ -205,9 +208,7 @@ class IncrementalSegmentationModule(pl.LightningModule):
         self.log(f"step{self.step}/val/selection", self.selection_score)
 
     def test_step(self, batch, batch_index):
-        batch = self._to_memory_format(batch)
-        logits = self.network(batch["image"])["logits"]
-        self.test_confmat.update(logits.argmax(dim=1), batch["label"])
+        self._score(self.test_confmat, batch)
 
     def on_test_epoch_end(self) -> None:
         self.test_confusion = self.test_confmat.compute().cpu().numpy().astype(np.int64)

@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.datasets.voc import load_image, load_mask
+from datamodules.datasets.voc import load_mask
 from datamodules.tasks import channel_order, task_classes
 from experiments import run, step0_cache
 from experiments.config import apply_overrides
 from experiments.store import run_directory
-from experiments.training import build_datamodule, updates_per_epoch
+from experiments.training import build_datamodule
 from lightning_modules.methods import build_method
 from lightning_modules.methods.base import MethodUnavailable, StepContext
 from lightning_modules.methods.recall import RECALL
-from lightning_modules.methods.weak_baseline import _NORMALISE
+from lightning_modules.methods.weak_baseline import normalised_image
 
 # fp32, so that the replay labels can be recomputed exactly here
 TINY_RECALL = ["methods=[recall]", "methods.recall.embedded_pool_size=3", "schedule.incremental={epochs: 2, lr: 0.01}",
@@ -81,7 +81,7 @@ def test_the_stage_reads_only_the_steps_masks_and_labels_the_pool_by_the_old_mod
     assert set(images) == set(steps[0]) - {0} and all(len(v) == 3 for v in images.values())
     path = images[4][1]
     with torch.no_grad():
-        expected = old(_NORMALISE(image=load_image(path))["image"][None])["logits"].argmax(dim=1)[0].numpy()
+        expected = old(normalised_image(path))["logits"].argmax(dim=1)[0].numpy()
     np.testing.assert_array_equal(load_mask(recall.replay_label_path(tmp_path, path)), order[expected])
     # the inpainted label of a training image: its new classes kept, the rest the old argmax
     row = int(dm.train_indices[0])
@@ -119,7 +119,7 @@ def test_batches_alternate_new_and_replay_the_same_for_one_and_two_processes(tin
     assert len(global_batches[1]) == 2 * (n_new // 4)
     # RECALL's schedule unit: updates per new class, rounded up to whole epochs of these batches
     dm.trainer, dm.batch_size = None, 4
-    updates = updates_per_epoch(run_config, dm)
+    updates = dm.updates_per_epoch(world=1)
     assert updates == len(global_batches[1])
     assert RECALL(iterations_per_class=7).training_epochs(context, 10, updates) == -(-7 * 5 // updates)
     assert RECALL().training_epochs(context, 10, updates) == 10      # 0: the experiment's epochs
@@ -163,7 +163,7 @@ def test_longer_tasks_label_later_classes_by_their_helper_decoder(tiny_config):
     step0 = step0_cache.load(step0_cache.model_path(run_config, recall, steps), recall, run_config).eval()
     path = pool[3][0]
     with torch.no_grad():
-        expected = step0(_NORMALISE(image=load_image(path))["image"][None])["logits"].argmax(dim=1)[0].numpy()
+        expected = step0(normalised_image(path))["logits"].argmax(dim=1)[0].numpy()
     np.testing.assert_array_equal(load_mask(recall.replay_label_path(stage2, path)), np.arange(16)[expected])
     # the helper learnt on the frozen encoder: its encoder and batch norms are the step-0 model's
     helper = torch.load(stage1 / "helper.pt", weights_only=True)

@@ -156,9 +156,10 @@ class Method:
         return default
 
     def training_epochs(self, context: StepContext, epochs: int, updates_per_epoch: int) -> int:
-        """The step's epochs: the experiment's schedule by default. A method whose code counts its
-        schedule otherwise (RECALL: iterations per new class) converts it here; updates_per_epoch
-        is the number of optimizer updates in one epoch of the step's training sources."""
+        """The epochs of a step t >= 1: the experiment's schedule by default. A method whose code
+        counts its schedule otherwise (RECALL: iterations per new class) converts it here;
+        updates_per_epoch is the number of optimizer updates in one epoch of the step's training
+        sources. (Step 0 always follows the schedule, which keys the cached step-0 model.)"""
         return epochs
 
     # --- the pass over the training images before training --------------------------------------

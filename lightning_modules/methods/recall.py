@@ -44,7 +44,7 @@ from torch import nn
 
 from lightning_modules.losses import cross_entropy, recall_inpaint_labels
 from lightning_modules.methods.base import Method, MethodUnavailable, StepContext
-from lightning_modules.methods.weak_baseline import full_image, write_per_image
+from lightning_modules.methods.weak_baseline import full_image, normalised_image, write_per_image
 
 INPAINTED, REPLAY = "inpainted", "replay"
 
@@ -103,7 +103,7 @@ class RECALL(Method):
     helper_batch_size: int = 4
 
     def training_epochs(self, context: StepContext, epochs: int, updates_per_epoch: int) -> int:
-        if context.step == 0 or not self.iterations_per_class or updates_per_epoch < 1:
+        if not self.iterations_per_class or updates_per_epoch < 1:
             return epochs
         iterations = self.iterations_per_class * len(context.steps[context.step])
         return -(-iterations // updates_per_epoch)
@@ -176,7 +176,7 @@ class RECALL(Method):
     def run_stage(self, context: StepContext, directory) -> None:
         """Rank 0: the inpainted label of every training image of the step and the replay label of
         every pool image of the old classes, by the previous model, in dataset ids."""
-        from datamodules.datasets.voc import load_image, load_mask, save_mask
+        from datamodules.datasets.voc import load_mask, save_mask
         from datamodules.labels import label_lookup
         from datamodules.tasks import channel_order
         from experiments.config import on_gpu
@@ -207,8 +207,6 @@ class RECALL(Method):
                         f"{self.name} step {step}: inpainted labels", config.trainer.progress)
         if not self.replay:
             return
-        from lightning_modules.methods.weak_baseline import _NORMALISE
-
         images = self.replay_images(context)
         for origin in range(step):   # the classes of each earlier step, labelled by the model that knows them
             paths = [p for c in context.steps[origin] if c in images for p in images[c]]
@@ -216,7 +214,7 @@ class RECALL(Method):
 
             @torch.no_grad()
             def replay_label(i: int, temporary: Path, labeller=labeller, ids=ids, paths=paths) -> None:
-                image = _NORMALISE(image=load_image(paths[i]))["image"][None].to(device)
+                image = normalised_image(paths[i]).to(device)
                 with torch.autocast(device_type=device, dtype=autocast, enabled=autocast is not None):
                     logits = labeller(image)["logits"].float()
                 save_mask(temporary, ids[logits.argmax(dim=1)[0].cpu().numpy()])

@@ -109,9 +109,14 @@ def stage_transform(crop_size: int, scale, map_names=()) -> A.Compose:
 _NORMALISE = A.Compose(_to_network())
 
 
+def normalised_image(path) -> torch.Tensor:
+    """(1, 3, H, W) normalised, the whole image file (what a stage's inference sees)."""
+    return _NORMALISE(image=load_image(path))["image"][None]
+
+
 def full_image(files, row: int) -> torch.Tensor:
-    """(1, 3, H, W) normalised, the whole image (what the stage's inference sees)."""
-    return _NORMALISE(image=load_image(files.images[row]))["image"][None]
+    """normalised_image of a split's row."""
+    return normalised_image(files.images[row])
 
 
 def id_table(values) -> np.ndarray:
