@@ -17,7 +17,7 @@ SHELL := /bin/bash
 # pip prints one harmless line per package missing from the machine's local indexes.
 PIP_NOISE := grep -v "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: setup run data compare sweep sweep-setup bench test test-slow test-all clean-runs
+.PHONY: setup run table dashboard data compare sweep sweep-setup bench test test-slow test-all clean-runs
 
 setup: $(STAMP)
 
@@ -33,6 +33,11 @@ $(STAMP): pyproject.toml constraints.txt scripts/setup_torchvision.py scripts/_t
 run: setup
 	$(PY) -m experiments.run $(EXP) $(ARGS) $(if $(METHODS),methods=[$(METHODS)])
 
+# WILSON's Table 1 end to end (every method of it and MBS, 15-5 disjoint and overlap), resumable:
+# on the embedded dataset by default, DATASET=voc on Pascal VOC with the paper settings and numbers.
+table: setup
+	$(PY) -m experiments.table $(if $(filter command line environment,$(origin DATASET)),--dataset $(DATASET)) $(ARGS)
+
 # Seed-averaged paper-style table: of EXP when given, else of every experiment under runs/.
 compare: setup
 	$(PY) -m experiments.compare $(if $(filter command line environment,$(origin EXP)),$(EXP)) $(COMPARE_ARGS)
@@ -47,6 +52,11 @@ sweep: setup
 sweep-setup: setup
 	$(PY) -m pip install --quiet --no-deps sweeps==0.3.0
 	$(PY) -m pip install --quiet jsonschema==4.26.0 jsonref==1.1.0 scikit-learn==1.9.1
+
+# The comparison dashboard as code (a wandb workspace over EXP's runs, or every experiment's), saved to
+# the user's entity and project after `wandb login`; ARGS=--print shows it without saving.
+dashboard: setup
+	$(PY) -m experiments.dashboard $(if $(filter command line environment,$(origin EXP)),$(EXP)) $(ARGS)
 
 # Download (resumable), verify, extract and prepare a benchmark under $DATA_ROOT (else ./data).
 DATASET ?= voc

@@ -41,17 +41,19 @@ console = table_console()
 
 
 # --- the algorithm ---------------------------------------------------------------------------
-def learn_task(config, method, steps, store: RunStore, logger, names) -> None:
-    """Every step of the task for one method, from where the run stands (store.next_step)."""
+def learn_task(config, method, steps, store: RunStore, logger, names, progress=None) -> None:
+    """Every step of the task for one method, from where the run stands (store.next_step).
+    `progress(method, step, seconds, how)`, when given, is told of each finished step."""
     network = store.resumed_network()
     for step in range(store.next_step, len(steps)):
+        started = time.time()
         examples = store.directory / EXAMPLES_FILE if step == len(steps) - 1 else None
         console.print(f"[bold]{config.method}[/]: step {step} (classes {steps[step][0]}-{steps[step][-1]})")
         # Everything random of a step (new classifier weights, data order) from (seed, step), not
         # from what this process ran before: a run resumed between steps continues exactly.
         pl.seed_everything(config.seed + step, verbose=False)
         if step == 0:
-            network, record = first_step(config, method, steps, store, logger, names, examples)
+            network, record, how = first_step(config, method, steps, store, logger, names, examples)
         else:
             # The old model f^{t-1}; the new classifier for the step's classes, initialised by the
             # method; then the method's stage, its training data, training and the test.
@@ -61,31 +63,35 @@ def learn_task(config, method, steps, store: RunStore, logger, names) -> None:
             built = build_step(config, method, steps, step, network, old_network, names)
             record = fit_and_test(config, built, logger, checkpoint_file=store.fit_checkpoint(step),
                                   examples_path=examples)
+            how = "trained"
         store.finish_step(record, network)
         reporting.log_step(logger, record)
+        if progress is not None:
+            progress(config.method, step, time.time() - started, how)
 
 
 def first_step(config, method, steps, store, logger, names, examples):
     """Step 0: the cached model of this step-0 setting (tested again for this run), or train it
-    (resumably) and cache it."""
+    (resumably) and cache it. Returns (network, the step's record, "tested" or "trained")."""
     cache = step0_cache.model_path(config, method, steps)
     if agree(cache.exists()):
         console.print(f"  step 0 from cache {cache}")
         network = step0_cache.load(cache, method, config)
         built = build_step(config, method, steps, 0, network, class_names=names)
-        return network, fit_and_test(config, built, logger, train=False, examples_path=examples)
+        return network, fit_and_test(config, built, logger, train=False, examples_path=examples), "tested"
     network = method.build_network(config.network, [len(steps[0])])  # seeded: the same in every process
     built = build_step(config, method, steps, 0, network, class_names=names)
     record = fit_and_test(config, built, logger, checkpoint_file=store.fit_checkpoint(0), examples_path=examples)
     if is_global_zero():
         step0_cache.save(cache, network, method)
-    return network, record
+    return network, record, "trained"
 
 
 # --- one method's run -------------------------------------------------------------------------
-def run_method(experiment: Experiment, method_name: str, steps) -> dict:
+def run_method(experiment: Experiment, method_name: str, steps, progress=None) -> dict:
     """One method's run, resumable (experiments.store): a complete run of the same configuration
-    is reused; an interrupted one continues."""
+    is reused; an interrupted one continues. `progress`: see learn_task (steps done before are
+    reported as "reused")."""
     config = experiment.run_config(method_name)
     method = build_method(method_name, **config.hparams)
     store = RunStore(config, method)
@@ -93,9 +99,11 @@ def run_method(experiment: Experiment, method_name: str, steps) -> dict:
     if store.complete:
         console.print(f"[bold]{method_name}[/]: complete results in {store.directory} reused "
                       "(resume=false runs it again)")
+        _report_reused(progress, method_name, store.results["steps"])
         return store.results
     if saved and saved["steps"]:
         console.print(f"[bold]{method_name}[/]: resuming after step {saved['steps'][-1]['step']} ({store.directory})")
+        _report_reused(progress, method_name, saved["steps"])
     # What make compare needs of the experiment beside this run: its paper numbers, its methods' order.
     store.results.update(expected=experiment.expected, experiment_methods=list(experiment.methods))
     names = reporting.class_names(config.data)
@@ -105,7 +113,7 @@ def run_method(experiment: Experiment, method_name: str, steps) -> dict:
         if is_global_zero():
             store.results["wandb_id"] = getattr(logger.experiment, "id", None)
     store.write()  # the configuration, before anything is trained
-    learn_task(config, method, steps, store, logger, names)
+    learn_task(config, method, steps, store, logger, names, progress)
 
     results = store.results
     results["final"] = summarize_run([r["summary"] for r in results["steps"]])
@@ -116,6 +124,11 @@ def run_method(experiment: Experiment, method_name: str, steps) -> dict:
     store.write()
     reporting.finish_run(config, results, store.directory, logger, is_global_zero())
     return results
+
+
+def _report_reused(progress, method_name: str, done_steps: list[dict]) -> None:
+    for record in done_steps if progress is not None else ():
+        progress(method_name, record["step"], 0.0, "reused")
 
 
 # --- the experiment -------------------------------------------------------------------------
@@ -152,17 +165,20 @@ def describe_processes(experiment: Experiment) -> None:
                          "per process (trainer.sync_batchnorm=false)"))
 
 
-def run_experiment(experiment: Experiment, steps: list[list[int]] | None = None) -> dict[str, dict]:
+def run_experiment(experiment: Experiment, steps: list[list[int]] | None = None, progress=None,
+                   unavailable: dict[str, str] | None = None) -> dict[str, dict]:
     """Every method of the experiment; `steps` when prepare(experiment) has already run. A method
-    that cannot run here (MethodUnavailable) is reported in one line and left out; the others run."""
+    that cannot run here (MethodUnavailable) is reported in one line and left out (its reason put
+    in `unavailable` when given); the others run. `progress`: see learn_task."""
     steps = steps if steps is not None else prepare(experiment)
     started = time.time()
     if is_global_zero():
         describe_processes(experiment)
-    results, unavailable = {}, {}
+    results = {}
+    unavailable = {} if unavailable is None else unavailable
     for name in experiment.methods:
         try:
-            results[name] = run_method(experiment, name, steps)
+            results[name] = run_method(experiment, name, steps, progress)
         except MethodUnavailable as error:  # this method only: the others still run
             unavailable[name] = str(error)
             console.print(f"[red]error:[/] {name}:", escape(str(error)), soft_wrap=True, highlight=False)

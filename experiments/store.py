@@ -151,6 +151,12 @@ class RunStore:
         temporary.symlink_to(self.config_id, target_is_directory=True)
         os.replace(temporary, link)
 
+    def saved_steps(self) -> int:
+        """How many steps of this configuration and seed are saved already (read only; 0 with
+        resume: false, which starts again)."""
+        saved = self._saved() if self.config.resume else None
+        return len(saved["steps"]) if saved else 0
+
     @property
     def complete(self) -> bool:
         return bool(self.results.get("complete"))

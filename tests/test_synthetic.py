@@ -66,3 +66,24 @@ def test_classes_are_shape_appearance_pairs_and_disjoint_differs_from_overlap(tm
     disjoint, overlap = select_images(presence, steps, 0, "disjoint"), select_images(presence, steps, 0, "overlap")
     assert 0 < len(disjoint) < len(overlap)  # old classes co-occur with future ones
     assert presence.sum(axis=1).max() >= 2 and presence.any(axis=0).all()
+
+
+def test_a_smaller_dataset_is_the_prefix_of_a_larger_one_and_is_read_from_it(tmp_path):
+    """Each split's images come one after the other from the split's own generator, so the first n
+    of a larger dataset are the smaller dataset (make table's 1000 images inside the default 2000):
+    a smaller request is served from the larger copy without regenerating it."""
+    from datamodules.datasets import locate
+
+    small = synthetic.ensure_generated(tmp_path / "small", train=5, val=2, size=32)
+    large = synthetic.ensure_generated(tmp_path / "large", train=9, val=3, size=32)
+    for index in range(5):
+        name = f"train_{index:05d}"
+        assert (small / "JPEGImages" / f"{name}.jpg").read_bytes() == (large / "JPEGImages" / f"{name}.jpg").read_bytes()
+        assert (small / "SegmentationClass" / f"{name}.png").read_bytes() == (large / "SegmentationClass" / f"{name}.png").read_bytes()
+    marker_time = (large / "COMPLETE").stat().st_mtime_ns
+    located = locate("synthetic", tmp_path / "large", {"synthetic": {"train": 5, "val": 2, "size": 32}})
+    assert located.train.ids == [f"train_{i:05d}" for i in range(5)] and located.test.ids == ["val_00000", "val_00001"]
+    assert (large / "COMPLETE").stat().st_mtime_ns == marker_time   # served from the larger copy
+    # another size or seed is another dataset: regenerated
+    assert not synthetic.covers({"version": synthetic.GENERATOR_VERSION, "train": 9, "val": 3, "size": 32, "seed": 0},
+                                {"version": synthetic.GENERATOR_VERSION, "train": 5, "val": 2, "size": 40, "seed": 0})

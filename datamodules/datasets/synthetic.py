@@ -176,20 +176,31 @@ def generate_class_image(rng: np.random.Generator, size: int, attributes, cls: i
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
+def covers(generated: dict, wanted: dict) -> bool:
+    """Whether a dataset generated with `generated` holds the one of `wanted`: the same generator,
+    size and seed, and at least as many images of each split. Each split's images are drawn one after
+    the other from the split's own generator, so its first n images are the same whatever the
+    split's length: a smaller dataset is the prefix of a larger one (`make table`'s 1000 training
+    images are the first 1000 of the default experiment's 2000)."""
+    same = all(generated.get(k) == wanted[k] for k in ("version", "size", "seed"))
+    return same and all(generated.get(k, -1) >= wanted[k] for k in ("train", "val"))
+
+
 def ensure_generated(data_root: Path, train: int = 2000, val: int = 500, size: int = 80, seed: int = 0) -> Path:
-    """Generate the dataset under <data_root>/synthetic unless a complete copy with the same
-    parameters is there already. Returns the dataset root."""
+    """Generate the dataset under <data_root>/synthetic unless a complete copy that covers these
+    parameters (`covers`) is there already. Returns the dataset root; the split files may list more
+    images than asked for: the first `train` / `val` are the dataset (`split_ids`)."""
     root = Path(data_root) / "synthetic"
     params = {"version": GENERATOR_VERSION, "train": train, "val": val, "size": size, "seed": seed}
     marker = root / "COMPLETE"
-    if marker.exists() and json.loads(marker.read_text()) == params:
+    if marker.exists() and covers(json.loads(marker.read_text()), params):
         return root
     # Several processes (DDP ranks under torchrun) may get here at once: one generates, the
     # others wait for it and then find the marker.
     Path(data_root).mkdir(parents=True, exist_ok=True)
     with open(Path(data_root) / ".synthetic.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if marker.exists() and json.loads(marker.read_text()) == params:
+        if marker.exists() and covers(json.loads(marker.read_text()), params):
             return root
         _generate(root, params, train, val, size, seed)
     return root

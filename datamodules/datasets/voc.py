@@ -52,6 +52,10 @@ class SplitFiles:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def head(self, count: int) -> "SplitFiles":
+        """The first `count` files."""
+        return SplitFiles(self.ids[:count], self.images[:count], self.masks[:count])
+
 
 def read_split(root: Path, list_file: str, mask_dir: str = "SegmentationClass") -> SplitFiles:
     """Read `<root>/ImageSets/Segmentation/<list_file>` into image and mask paths."""
