@@ -2,7 +2,7 @@
 and seed grouped and tagged for a dashboard, and one "summary" run per experiment that holds the
 comparison table and the experiment's figures.
 
-How runs are organised (README "The wandb dashboard" builds on it):
+How runs are organised (docs/tracking.md and experiments/dashboard.py build on it):
   group     the experiment name (voc_15_5_disjoint); every method and seed of it
   job_type  the method (mib, wilson, ...) or "summary" / "compare"
   tags      experiment, method, dataset, setting (15-5), mode (disjoint), supervision
@@ -26,9 +26,17 @@ def wandb_mode(setting: str) -> str:
         return setting
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
+    return "online" if has_wandb_login() else "offline"
+
+
+def has_wandb_login() -> bool:
+    """Whether the user has a wandb account configured: WANDB_API_KEY, or `wandb login`'s entry in
+    ~/.netrc (for the default host or the WANDB_BASE_URL one)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
     netrc = Path.home() / ".netrc"
-    logged_in = os.environ.get("WANDB_API_KEY") or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
-    return "online" if logged_in else "offline"
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    return netrc.is_file() and host in netrc.read_text()
 
 
 def run_tags(name: str, data, seed: int, job: str, supervision: str | None = None) -> list[str]:
