@@ -14,6 +14,12 @@ Throughput is images per second over `--iterations` iterations after `--warmup`;
 suite / bare is the framework's cost (goal: >= 0.9). Peak memory: the process's peak resident
 set on CPU, torch.cuda.max_memory_allocated on GPU.
 
+`--data-path`: the data path at the paper scale instead, on this CPU, one core: decode + the train
+transform (random resized crop to 512, flip, normalisation) of VOC-sized JPEGs (500x375, with their
+PNG masks), and what one GPU training DeepLabV3-ResNet-101 at 512 would consume (the network's
+training FLOPs per image, counted here, at an assumed share of an H100's bf16 peak): the loader
+workers it needs.
+
 Presets: "embedded" = the experiment as configured (the default: synthetic_15_5_disjoint, CPU);
 "r101-512" = DeepLabV3-ResNet-101 at 512x512 crops with batch 12 (the paper network; on a GPU).
 Every method is measured with its full step-1 loss from the first iteration (its
@@ -206,6 +212,100 @@ def measure(variant: str, args, method: str) -> dict:
     return queue.get()
 
 
+# --- the data path at the paper scale ------------------------------------------------------------
+H100_BF16_DENSE_TFLOPS = 989.0   # NVIDIA's H100 SXM datasheet, dense bf16 tensor cores
+ASSUMED_UTILISATION = (0.2, 0.35, 0.5)   # convolutional training reaches a fraction of the peak
+
+
+def write_voc_sized_images(directory, count: int, seed: int = 0) -> list[tuple]:
+    """`count` (JPEG, PNG mask) pairs of VOC's typical size (500 x 375) and file size (JPEG quality 95:
+    about 115 kB, as VOC 2012's 17,125 JPEGs in its 1.9 GB archive): the embedded dataset's scenes
+    drawn at 500 pixels and cut to 375 rows."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from datamodules.datasets import synthetic
+    from datamodules.datasets.voc import save_mask
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    attributes, friends = synthetic.class_attributes(0), synthetic.class_friends(0)
+    pairs = []
+    for index in range(count):
+        image, mask = synthetic.generate_sample(rng, 500, attributes, friends)
+        jpeg, png = directory / f"{index:04d}.jpg", directory / f"{index:04d}.png"
+        Image.fromarray(image[62:437]).save(jpeg, quality=95)
+        save_mask(png, mask[62:437])
+        pairs.append((jpeg, png))
+    return pairs
+
+
+def data_path_rates(pairs, crop: int = 512, rounds: int = 2) -> dict:
+    """Images per second on one core (one thread in OpenCV and torch): decode alone (image + mask,
+    as the datamodule reads them), and decode + the train transform (datamodules.transforms)."""
+    import cv2
+    import torch
+
+    from datamodules.datasets.voc import load_image, load_mask
+    from datamodules.transforms import train_transform
+
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+    transform = train_transform(crop)
+    rates = {}
+    for name, work in (("decode", lambda i, m: (load_image(i), load_mask(m))),
+                       ("decode_augment", lambda i, m: transform(image=load_image(i), mask=load_mask(m)))):
+        work(*pairs[0])   # warm-up
+        started = time.perf_counter()
+        for _ in range(rounds):
+            for image, mask in pairs:
+                work(image, mask)
+        rates[name] = rounds * len(pairs) / (time.perf_counter() - started)
+    return rates
+
+
+def training_flops_per_image(crop: int = 512) -> float:
+    """Forward + backward FLOPs of DeepLabV3-ResNet-101 (output stride 16, the paper network) on one
+    crop x crop image, counted by torch's FlopCounterMode on one forward (backward = 2 x forward)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from experiments.config import NetworkConfig
+    from lightning_modules.network import build_network
+
+    network = build_network(NetworkConfig(encoder="resnet101", encoder_depth=5, output_stride=16,
+                                          atrous_rates=[6, 12, 18], decoder_channels=256, encoder_weights=None),
+                            [16], pretrained=False).eval()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        network(torch.zeros(1, 3, crop, crop))
+    return 3.0 * counter.get_total_flops()
+
+
+def data_path_main(count: int, console) -> int:
+    import math
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as directory:
+        pairs = write_voc_sized_images(directory, count)
+        kilobytes = sum(jpeg.stat().st_size for jpeg, _ in pairs) / len(pairs) / 1024
+        rates = data_path_rates(pairs)
+    flops = training_flops_per_image()
+    console.print(f"one core, {count} VOC-sized JPEGs (500x375, {kilobytes:.0f} kB each) + masks, 2 rounds: "
+                  f"decode {rates['decode']:.0f} images/s; "
+                  f"decode + train transform (crop 512) {rates['decode_augment']:.0f} images/s "
+                  f"({1000 / rates['decode_augment']:.1f} ms per image)")
+    console.print(f"DeepLabV3-R101 (OS 16) at 512: {flops / 1e9:.0f} GFLOP per training image (forward + backward, counted)")
+    for share in ASSUMED_UTILISATION:
+        need = share * H100_BF16_DENSE_TFLOPS * 1e12 / flops
+        console.print(f"  an H100 at {share:.0%} of its bf16 peak trains {need:.0f} images/s: "
+                      f"{math.ceil(need / rates['decode_augment'])} loader workers (cores) to feed it")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--experiment", default="synthetic_15_5_disjoint")
@@ -216,12 +316,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="32-true", choices=["auto", "32-true", "bf16-mixed", "16-mixed"])
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--json", help="also write the measurements to this file")
+    parser.add_argument("--data-path", action="store_true",
+                        help="measure the data path at the paper scale on this CPU instead (module docstring)")
+    parser.add_argument("--data-images", type=int, default=100, help="VOC-sized images for --data-path")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the experiment")
     args = parser.parse_args(argv)
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
+    if args.data_path:
+        return data_path_main(args.data_images, console)
     table = Table(title=f"training throughput, step 1 of {args.experiment} ({args.preset}, {args.precision}"
                         f"{', channels_last' if args.channels_last else ''}; {args.iterations} iterations after "
                         f"{args.warmup})")
