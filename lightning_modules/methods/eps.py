@@ -19,7 +19,7 @@ by its maximum (+1e-5); background score 0.20; argmax. No CRF.
 
 The saliency maps are an input from outside the labels. Pascal VOC (and COCO): read from
 `SALImages/<id>.png` beside the images' folder, as the WILSON and EPS loaders do (the EPS authors
-distribute PFAN maps; README says how to get them). The embedded dataset has none: `saliency:
+distribute PFAN maps; docs/datasets.md says how to get them). The embedded dataset has none: `saliency:
 spectral_residual` computes them from the image alone with Hou & Zhang's spectral-residual method
 (CVPR 2007), never from a mask. Deviations: the pipeline's (weak_baseline.py); the repository's
 colour jitter and random long-side resize are replaced by the suite's training transform; its
@@ -133,7 +133,7 @@ class EPS(WeakBaseline):
         if missing:
             raise MethodUnavailable(
                 f"EPS needs saliency maps: {len(missing)} of the step's {len(paths)} images have none, e.g. "
-                f"{missing[0]} (expected in {missing[0].parent}/: the PFAN maps the EPS authors distribute, README "
+                f"{missing[0]} (expected in {missing[0].parent}/: the PFAN maps the EPS authors distribute, docs/datasets.md "
                 "'EPS saliency'), or set methods.eps.saliency=spectral_residual")
 
     def stage_maps(self, context) -> dict[str, list[Path]]:
