@@ -219,7 +219,7 @@ def caption(experiments: dict[str, Experiment], with_paper: bool, timing: str) -
     text = (f"{first.data.dataset} {first.data.task}, mIoU % after the last step; {CONVENTION}. Experiments: {names} "
             f"(seed {first.seed}). Pixel / Image = the supervision of the new classes.")
     if with_paper:
-        text += (" paper = WILSON's Table 1 (MBS: " + "its own source, on its ViT-B/16" + "), each number in its own "
+        text += (" paper = WILSON's Table 1 (MBS: its own source, on its ViT-B/16), each number in its own "
                  "source's convention: (old+bg, All+bg) marks PLOP's background-inclusive '0-15' that WILSON pastes "
                  "into its '1-15' column, (All+bg) an All with background, none a number without background; "
                  "Δ = measured − paper in points, each against the measured number of the paper's own convention.")

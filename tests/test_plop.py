@@ -188,8 +188,8 @@ def test_plop_loss_is_the_pseudo_labelled_ce_plus_local_pod_on_stages_decoder_an
     assert all(p.grad is None for p in old.parameters())
 
 
-# Slow tier (CI runs it): two DDP processes; the fast tier checks the same pass mechanism with the
-# probe method (tests/test_robustness.py::test_two_processes_equal_one_process_at_the_same_effective_batch).
+# Slow tier (CI runs it): two DDP processes, beside the probe method's 2-process check of the same pass
+# mechanism (tests/test_robustness.py::test_two_processes_equal_one_process_at_the_same_effective_batch).
 @pytest.mark.slow
 def test_plop_thresholds_are_identical_with_one_and_two_processes(tmp_path):
     """The same old model (the step-0 model cached by the first run), the pass over the training

@@ -209,6 +209,8 @@ def _parameters(path: Path) -> dict:
     return {k: v for k, v in state.items() if v.is_floating_point() and "running_" not in k}
 
 
+# Slow tier (CI runs it, ~35 s): the fast tier stays within its 10 minutes on the slowest machines.
+@pytest.mark.slow
 def test_two_processes_equal_one_process_at_the_same_effective_batch(tmp_path):
     """2 CPU processes (gloo) x 4 images vs 1 process x 4 images x 2 accumulated batches: the
     same images in the same updates (datamodules.sampling), so the same optimisation. Measured

@@ -179,8 +179,8 @@ def test_prototypes_are_carried_through_the_steps_and_equal_a_direct_computation
     assert int(counts[19:].sum()) > 0
 
 
-# Slow tier (CI runs it): two DDP processes; the fast tier checks the same pass mechanism with the
-# probe method (tests/test_robustness.py::test_two_processes_equal_one_process_at_the_same_effective_batch).
+# Slow tier (CI runs it): two DDP processes, beside the probe method's 2-process check of the same pass
+# mechanism (tests/test_robustness.py::test_two_processes_equal_one_process_at_the_same_effective_batch).
 @pytest.mark.slow
 def test_prototypes_with_one_and_two_processes(tmp_path):
     """The same step-0 model and prototypes (cached by the first run, with its side state); in step 1

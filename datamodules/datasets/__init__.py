@@ -5,7 +5,6 @@ background or ADE-style "unlabeled". Readers know nothing about tasks or methods
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -88,12 +87,11 @@ def _coco_step_rows(source: tuple, presence, steps, step: int, mode: str) -> np.
 
 
 def _synthetic(data_root: Path, options: dict) -> DatasetSplits:
-    params = options.get("synthetic", {})
+    params = {**synthetic.DEFAULTS, **options.get("synthetic", {})}
     root = synthetic.ensure_generated(data_root, **params)
     # The first n of each split: a larger generated dataset holds the smaller one as its prefix.
-    defaults = inspect.signature(synthetic.ensure_generated).parameters
-    train, val = (params.get(k, defaults[k].default) for k in ("train", "val"))
-    return DatasetSplits(root, read_split(root, "train.txt").head(train), read_split(root, "val.txt").head(val))
+    return DatasetSplits(root, read_split(root, "train.txt").head(params["train"]),
+                         read_split(root, "val.txt").head(params["val"]))
 
 
 def _coco_voc(data_root: Path, options: dict) -> DatasetSplits:

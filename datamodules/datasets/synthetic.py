@@ -186,10 +186,15 @@ def covers(generated: dict, wanted: dict) -> bool:
     return same and all(generated.get(k, -1) >= wanted[k] for k in ("train", "val"))
 
 
-def ensure_generated(data_root: Path, train: int = 2000, val: int = 500, size: int = 80, seed: int = 0) -> Path:
+DEFAULTS = {"train": 2000, "val": 500, "size": 80, "seed": 0}   # data.options.synthetic
+
+
+def ensure_generated(data_root: Path, train: int = DEFAULTS["train"], val: int = DEFAULTS["val"],
+                     size: int = DEFAULTS["size"], seed: int = DEFAULTS["seed"]) -> Path:
     """Generate the dataset under <data_root>/synthetic unless a complete copy that covers these
-    parameters (`covers`) is there already. Returns the dataset root; the split files may list more
-    images than asked for: the first `train` / `val` are the dataset (`split_ids`)."""
+    parameters (`covers`) is there already. Returns the dataset root; its split files may list more
+    images than asked for: the first `train` / `val` are the dataset (datamodules.datasets.locate
+    reads those)."""
     root = Path(data_root) / "synthetic"
     params = {"version": GENERATOR_VERSION, "train": train, "val": val, "size": size, "seed": seed}
     marker = root / "COMPLETE"
