@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 
+from datamodules.fewshot import fewshot_tasks
+
 # Number of foreground classes (ids 1..K) of each dataset. The embedded synthetic dataset has
 # VOC's 20 classes so that every VOC task applies to it unchanged.
 NUM_FOREGROUND = {"voc": 20, "synthetic": 20, "ade": 150, "coco-voc": 91}
@@ -33,6 +35,9 @@ _VOC_TASKS = {name: _regular(20, a, b) for name, (a, b) in {
     "19-1": (19, 1), "15-5": (15, 5), "15-1": (15, 1), "10-10": (10, 10), "10-5": (10, 5),
     "10-1": (10, 1), "10-2": (10, 2), "5-3": (5, 3), "2-2": (2, 2),
 }.items()}
+# PIFS's incremental few-shot folds (datamodules/fewshot.py): fss-5-0 .. fss-5-3, and fss-5-<i>m with
+# one novel class per step. ("5-3" alone is MiB's 5 + 3 + ... task, hence the prefix.)
+_VOC_TASKS.update(fewshot_tasks("voc"))
 # Names the MiB code uses for the same tasks.
 _VOC_ALIASES = {"15-5s": "15-1", "10-5-5": "10-5"}
 

@@ -1,0 +1,76 @@
+"""The incremental few-shot protocol (datamodules/fewshot.py) against the official rules of
+fcdl94/FSS, on hand-made arrays and a generated file list."""
+import numpy as np
+import pytest
+
+from datamodules import fewshot
+from datamodules.tasks import task_classes
+
+
+def test_voc_folds_as_the_official_task_table():
+    # fold 2 written out by hand: novel 11-15, base the rest (ascending) behind background
+    assert task_classes("voc", "fss-5-2") == [[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 16, 17, 18, 19, 20],
+                                              [11, 12, 13, 14, 15]]
+    assert task_classes("voc", "fss-5-0")[1] == [1, 2, 3, 4, 5]
+    assert task_classes("voc", "fss-5-3") == [[0, *range(1, 16)], [16, 17, 18, 19, 20]]   # PIFS's 5-3 = 15-5
+    assert task_classes("voc", "fss-5-1m")[1:] == [[6], [7], [8], [9], [10]]
+    assert task_classes("synthetic", "fss-5-0m") == task_classes("voc", "fss-5-0m")
+    assert task_classes("voc", "5-3") != task_classes("voc", "fss-5-3")     # MiB's 5-3 is another task
+    with pytest.raises(ValueError, match="folds 0-3"):
+        fewshot.voc_fold(4)
+
+
+def test_coco_folds_take_every_fourth_category_id():
+    steps = fewshot.coco_fold(0)
+    # the official 20-0 novel classes, by hand from COCO's ids (12, 26, 29, 30, 45, 66, 68, 69, 71, 83 unused)
+    assert steps[1] == [1, 5, 9, 14, 18, 22, 27, 33, 37, 41, 46, 50, 54, 58, 62, 67, 74, 78, 82, 87]
+    assert len(steps[0]) == 1 + 60 and 12 not in steps[0] and 2 in steps[0]
+    assert fewshot.coco_fold(3)[1][:5] == [4, 8, 13, 17, 21]
+    multi = fewshot.coco_fold(1, multi_step=True)
+    assert len(multi) == 5 and multi[1] == [2, 6, 10, 15, 19] and multi[4] == [70, 75, 79, 84, 88]
+
+
+def test_shots_are_images_ishot_times_20_onwards_of_each_class_list():
+    """The official draw: class_to_images[c][ishot*20 : ishot*20 + nshot], in the list's own order
+    (the official VOC lists are not in index order)."""
+    lists = {3: list(range(100, 160))[::-1], 7: [5, 9, 2] + list(range(200, 260))}
+    assert fewshot.shot_rows(lists, [3, 7], nshot=1, ishot=0) == {3: [159], 7: [5]}
+    assert fewshot.shot_rows(lists, [7], nshot=5, ishot=0) == {7: [5, 9, 2, 200, 201]}
+    assert fewshot.shot_rows(lists, [3], nshot=2, ishot=1) == {3: [139, 138]}          # images 20, 21
+    assert fewshot.shot_rows(lists, [7], nshot=5, ishot=2) == {7: [237, 238, 239, 240, 241]}   # images 40-44
+    with pytest.raises(ValueError, match="class 3 has 60 training images"):
+        fewshot.shot_rows(lists, [3], nshot=5, ishot=3)
+    with pytest.raises(ValueError, match="nshot must be 1-20"):
+        fewshot.shot_rows(lists, [3], nshot=21, ishot=0)
+
+
+def test_class_lists_from_a_generated_file_list_and_the_official_lists_mapped_onto_it():
+    rng = np.random.default_rng(0)
+    presence = rng.random((30, 20)) < 0.2
+    lists = fewshot.class_image_lists(presence)
+    for cls in range(1, 21):   # by a slow obvious loop
+        assert lists[cls] == [row for row in range(30) if presence[row, cls - 1]]
+    # the official files: ids in their own order, per-class indices into that order
+    official_ids = np.array(["b", "c", "a"])
+    official = {0: np.array([0, 1, 2]), 4: np.array([2, 0]), 9: np.array([1])}
+    mapped = fewshot.official_class_lists(official, official_ids, ["a", "b", "c", "d"])
+    assert mapped == {4: [0, 1], 9: [2]}   # "a" is row 0, "b" row 1, "c" row 2 of the suite's list
+    with pytest.raises(ValueError, match="1 images of the official train_ids.npy are not in the training list"):
+        fewshot.official_class_lists(official, official_ids, ["a", "b"])
+
+
+def test_base_step_keeps_every_image_without_a_non_base_class():
+    presence = np.zeros((5, 20), dtype=bool)
+    presence[0, [0, 1]] = True     # classes 1, 2: base
+    presence[1, [0, 15]] = True    # 1 and 16 (novel)
+    presence[3, 19] = True         # 20 only (novel)
+    presence[4, 4] = True          # 5
+    # row 2: background alone (kept by the official rule, unlike MiB's disjoint step 0)
+    assert fewshot.base_step_rows(presence, task_classes("voc", "fss-5-3")[0]).tolist() == [0, 2, 4]
+
+
+def test_a_shot_keeps_background_the_old_classes_and_its_own_class_only():
+    mask = np.array([[0, 3, 16, 17], [255, 18, 3, 0]], dtype=np.uint8)
+    # step 1 of fss-5-3: old = 1..15, shot of class 16; 17 and 18 (other novel classes) are ignored
+    out = fewshot.shot_labels(mask, list(range(1, 16)), 16)
+    assert out.tolist() == [[0, 3, 16, 255], [255, 255, 3, 0]]
