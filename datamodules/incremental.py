@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, default_collate
 
-from datamodules import datasets, splits
+from datamodules import datasets, fewshot, splits
 from datamodules.datasets.voc import SplitFiles, load_image, load_mask
 from datamodules.labels import label_lookup, new_class_labels, remap
 from datamodules.presence import dataset_presence
@@ -94,7 +94,9 @@ class PixelLabelled(_Samples):
     def _load(self, i: int, row: int) -> dict:
         image = self._read(load_image, self.files.images[row])
         # Remap before the geometry so that padding (fill_mask=255) stays void in every phase.
-        mask = remap(self._read(load_mask, self.files.masks[row]), self.lookup)
+        # A (n, 256) lookup is one per sample (the few-shot steps: each shot labelled for its class).
+        lookup = self.lookup if self.lookup.ndim == 1 else self.lookup[i]
+        mask = remap(self._read(load_mask, self.files.masks[row]), lookup)
         if mask.shape != image.shape[:2]:
             raise UnreadableSample(f"{self.files.masks[row]}: mask is {mask.shape[0]}x{mask.shape[1]}, its image "
                                    f"{self.files.images[row]} is {image.shape[0]}x{image.shape[1]}")
@@ -183,7 +185,7 @@ class IncrementalSegmentationDataModule(pl.LightningDataModule):
                  void_as_background: bool = True, future_classes_in_test: str = "ignore",
                  size_divisor: int = 16, num_workers: int = 2, dataset_options: dict | None = None,
                  validation_fraction: float = 0.0, eval_crop_size: int | None = None, seed: int = 0,
-                 on_unreadable: str = "stop", cache_decoded: bool = False):
+                 on_unreadable: str = "stop", cache_decoded: bool = False, fewshot: dict | None = None):
         super().__init__()
         if supervision not in SUPERVISIONS:
             raise ValueError(f"unknown supervision {supervision!r}; expected one of {SUPERVISIONS}")
@@ -213,6 +215,13 @@ class IncrementalSegmentationDataModule(pl.LightningDataModule):
         self.validation_fraction = validation_fraction
         self.train_set = self.test_set = self.val_set = None
         self.training_sources: TrainingSources | None = None
+        # PIFS's incremental few-shot steps ({"nshot", "ishot"}, datamodules.fewshot); None: the usual ones
+        self.fewshot = fewshot
+        if fewshot and validation_fraction:
+            raise ValueError("data.validation_fraction needs the usual steps: a few-shot step has no images to hold out")
+        if fewshot and supervision != "pixel":
+            raise ValueError("the few-shot steps are pixel-labelled (PIFS's protocol)")
+        self.shot_classes = None   # few-shot steps >= 1: the novel class each training sample is a shot of
 
     def prepare_data(self) -> None:
         datasets.locate(self.dataset, self.data_root, self.dataset_options)  # generate or fail early
@@ -223,9 +232,10 @@ class IncrementalSegmentationDataModule(pl.LightningDataModule):
         located = datasets.locate(self.dataset, self.data_root, self.dataset_options)
         num_fg = NUM_FOREGROUND[self.dataset]
         self.train_presence, self.test_presence = dataset_presence(located, num_fg)
-        self.train_indices = self._train_rows(located)
+        self.train_indices = self._fewshot_rows() if self.fewshot else self._train_rows(located)
         held_out = validation_rows(len(located.train), self.validation_fraction)
-        self.train_indices = np.setdiff1d(self.train_indices, held_out)
+        if len(held_out):
+            self.train_indices = np.setdiff1d(self.train_indices, held_out)
         self.test_indices = splits.select_test_images(self.test_presence, self.steps, self.step, self.test_images)
         self.located = located
         unlabeled = located.background_is_unlabeled
@@ -243,6 +253,10 @@ class IncrementalSegmentationDataModule(pl.LightningDataModule):
             self.val_indices = held_out[seen]
             self.val_set = PixelLabelled(located.train, self.val_indices, test_lookup, eval_tf,
                                          cache_decoded=self.cache_decoded)
+        if self.fewshot and len(self.train_set) < 2:
+            raise ValueError(f"step {self.step} has {len(self.train_set)} shot image(s): a batch of one image needs "
+                             "PIFS's batch renormalisation, which the suite does not have yet (use nshot >= 2 or a "
+                             "step of several classes)")
         if len(self.train_set) < 2:
             raise ValueError(f"step {self.step} of {self.dataset} {self.mode} has {len(self.train_set)} training "
                              "images; at least 2 are needed (batch norm)")
@@ -275,6 +289,8 @@ class IncrementalSegmentationDataModule(pl.LightningDataModule):
         lookup = label_lookup(self.steps, self.step, "train", void_as_background=self.void_as_background,
                               old_classes=old_classes or self.old_labels,
                               background_is_unlabeled=self.located.background_is_unlabeled)
+        if self.shot_classes is not None and rows is self.train_indices:
+            lookup = self._shot_lookups()
         return PixelLabelled(files, rows, lookup, train_transform(self.crop_size, self.train_scale),
                              seed=self.seed, on_unreadable=self.on_unreadable, cache_decoded=self.cache_decoded)
 
@@ -290,6 +306,28 @@ class IncrementalSegmentationDataModule(pl.LightningDataModule):
         if self.training_images == "step":
             return np.asarray(select(self.train_presence, self.steps, self.step, self.mode), dtype=np.int64)
         return splits.select_cumulative_images(self.train_presence, self.steps, self.step, self.mode, select=select)
+
+    def _fewshot_rows(self) -> np.ndarray:
+        """PIFS's rows (datamodules.fewshot): at step 0 every image without a non-base class; at a
+        step t >= 1 the nshot images of draw ishot for each of the step's classes, class after class
+        (an image drawn for two classes is two samples, each labelled for its own class)."""
+        if self.step == 0:
+            return fewshot.base_step_rows(self.train_presence, self.steps[0])
+        chosen = fewshot.shot_rows(fewshot.class_image_lists(self.train_presence), self.steps[self.step],
+                                   self.fewshot["nshot"], self.fewshot["ishot"])
+        self.shot_classes = np.array([c for c in self.steps[self.step] for _ in chosen[c]], dtype=np.int64)
+        return np.array([row for c in self.steps[self.step] for row in chosen[c]], dtype=np.int64)
+
+    def _shot_lookups(self) -> np.ndarray:
+        """One train lookup per shot sample (n, 256): background, the old classes and the shot's own
+        class to their channels, every other class and void ignored (255), as the official code."""
+        channels = label_lookup(self.steps, self.step, "test", future_classes="ignore")   # seen classes -> channel
+        old = [c for s in self.steps[:self.step] for c in s if c != 0]
+        lookups = np.full((len(self.shot_classes), 256), 255, dtype=np.uint8)
+        for i, shot_class in enumerate(self.shot_classes):
+            kept = [0, *old, int(shot_class)]
+            lookups[i, kept] = channels[kept]
+        return lookups
 
     def _rank_and_world(self) -> tuple[int, int]:
         trainer = self.trainer

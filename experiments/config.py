@@ -57,6 +57,14 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+class FewShotConfig(Section):
+    """The incremental few-shot protocol of PIFS (datamodules/fewshot.py): the base step on every
+    image without a non-base class, each later step on `nshot` images per novel class, draw
+    `ishot` (images ishot*20 ... of the class's list, in file order)."""
+    nshot: Annotated[int, Field(ge=1, le=20)] = 5
+    ishot: NonNegativeInt = 0
+
+
 class DataConfig(Section):
     dataset: Literal["voc", "ade", "coco-voc", "synthetic"]
     root: str | None = None                        # null: $DATA_ROOT, else ./data
@@ -78,6 +86,7 @@ class DataConfig(Section):
     # Keep decoded images and masks in memory (each file decoded once per process): for datasets
     # that fit in memory, like the embedded one (datamodules.incremental.DecodedCache).
     cache_decoded: bool = False
+    fewshot: FewShotConfig | None = None           # PIFS's incremental few-shot steps (null: the usual steps)
 
 
 # The keys of each network kind (the others are ignored by it, and left out of its identity).
@@ -357,7 +366,22 @@ def _run_config(experiment: Experiment, method_name: str) -> RunConfig:
     if config.checkpoint.select == "best_validation" and config.data.validation_fraction == 0:
         raise ConfigError("checkpoint.select=best_validation selects on held-out training images: set "
                           "data.validation_fraction (e.g. 0.1) too; the test set never selects")
+    _check_fewshot(config.data)
     return config
+
+
+def _check_fewshot(data) -> None:
+    """What the few-shot steps cannot do yet, in one line at load rather than mid-run."""
+    if data.fewshot is None:
+        return
+    if data.validation_fraction:
+        raise ConfigError("data.fewshot: a few-shot step has no images to hold out; set data.validation_fraction=0")
+    from datamodules.tasks import task_classes
+
+    smallest = min(len(step) for step in task_classes(data.dataset, data.task)[1:]) if data.task else 0
+    if data.fewshot.nshot * smallest < 2:
+        raise ConfigError("data.fewshot: a step of one class with nshot=1 trains on one image, which needs PIFS's "
+                          "batch renormalisation (not in the suite yet): use nshot >= 2 or a step of several classes")
 
 
 # --- precision ---------------------------------------------------------------------------------

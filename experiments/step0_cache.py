@@ -46,6 +46,8 @@ def step0_key(config, method, steps) -> dict:
         "sync_batchnorm": trainer.sync_batchnorm, "limit_train_batches": trainer.limit_train_batches,
         "deterministic": trainer.deterministic, "channels_last": trainer.channels_last,
     }
+    if data.fewshot is not None:   # the few-shot protocol's base step selects its own images
+        key["fewshot_base_step"] = True
     if config.checkpoint.select != "last":   # which epoch's model is kept (absent: the last, as before)
         key["selection"] = config.checkpoint.identity()
     return key

@@ -59,7 +59,7 @@ def build_datamodule(config, method, steps, step: int) -> IncrementalSegmentatio
         size_divisor=config.network.stride, num_workers=loader_workers(data.num_workers),
         dataset_options=data.options, validation_fraction=data.validation_fraction,
         eval_crop_size=data.eval_crop_size, seed=config.seed + step, on_unreadable=data.on_unreadable,
-        cache_decoded=data.cache_decoded)
+        cache_decoded=data.cache_decoded, fewshot=data.fewshot.model_dump() if data.fewshot else None)
 
 
 def build_module(config, method, steps, step: int, network, class_names: dict[int, str] | None = None):

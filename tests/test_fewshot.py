@@ -74,3 +74,66 @@ def test_a_shot_keeps_background_the_old_classes_and_its_own_class_only():
     # step 1 of fss-5-3: old = 1..15, shot of class 16; 17 and 18 (other novel classes) are ignored
     out = fewshot.shot_labels(mask, list(range(1, 16)), 16)
     assert out.tolist() == [[0, 3, 16, 255], [255, 255, 3, 0]]
+
+
+def test_the_datamodule_trains_the_base_step_and_each_shot_as_the_official_code(tmp_path):
+    """data.fewshot on a generated dataset: step 0 on base_step_rows; step 1 on the nshot images
+    of draw ishot per novel class, each labelled for its own class (old kept, other novel classes
+    and void ignored), worked out here by a slow loop over the raw masks; the test set is all images."""
+    from datamodules.datasets.voc import load_mask
+    from datamodules.incremental import IncrementalSegmentationDataModule
+    from datamodules.tasks import channel_order
+
+    options = {"synthetic": {"train": 500, "val": 12, "size": 32, "seed": 0}}
+    common = dict(dataset="synthetic", data_root=tmp_path, task="fss-5-0", crop_size=32, num_workers=0,
+                  dataset_options=options, test_images="all", fewshot={"nshot": 2, "ishot": 1})
+    base = IncrementalSegmentationDataModule(step=0, **common)
+    base.setup()
+    assert base.train_indices.tolist() == fewshot.base_step_rows(base.train_presence, [0, *range(6, 21)]).tolist()
+    assert len(base.test_set) == 12                                   # every test image
+    shots = IncrementalSegmentationDataModule(step=1, **common)
+    shots.setup()
+    lists = {c: [r for r in range(500) if shots.train_presence[r, c - 1]] for c in range(1, 6)}
+    assert shots.train_indices.tolist() == [r for c in range(1, 6) for r in lists[c][20:22]]
+    assert shots.shot_classes.tolist() == [c for c in range(1, 6) for _ in range(2)]
+    channel = {c: i for i, c in enumerate(channel_order(shots.steps, 1))}
+    for i, (row, shot_class) in enumerate(zip(shots.train_indices, shots.shot_classes)):
+        raw = load_mask(shots.located.train.masks[row])
+        expected = np.full(raw.shape, 255, dtype=np.int64)
+        for y in range(raw.shape[0]):
+            for x in range(raw.shape[1]):
+                value = int(raw[y, x])
+                if value == 0 or 6 <= value <= 20 or value == shot_class:
+                    expected[y, x] = channel[value]
+        assert np.array_equal(shots.train_set.lookup[i][raw], expected), (row, shot_class)
+
+
+def test_the_fewshot_option_is_checked_and_keys_its_runs_and_base_model(tiny_config):
+    from experiments import step0_cache
+    from experiments.config import ConfigError, apply_overrides, resolve
+    from experiments.store import config_id
+    from lightning_modules.methods import build_method
+
+    with pytest.raises(ConfigError, match="data.fewshot.nshot"):
+        resolve(apply_overrides(tiny_config, ["data.fewshot={nshot: 21}"]))
+    shots = resolve(apply_overrides(tiny_config, ["data.task=fss-5-0", "data.fewshot={nshot: 2, ishot: 1}"]))
+    usual = resolve(apply_overrides(tiny_config, ["data.task=fss-5-0"]))
+    assert shots.data.fewshot.nshot == 2 and usual.data.fewshot is None
+    assert config_id(shots.run_config("ft")) != config_id(usual.run_config("ft"))
+    steps = task_classes("synthetic", "fss-5-0")
+    method = build_method("ft")
+    keys = [step0_cache.model_path(c.run_config("ft"), method, steps) for c in (shots, usual)]
+    assert keys[0] != keys[1]   # the base step trains on other images than MiB's disjoint step 0
+    other_draw = resolve(apply_overrides(tiny_config, ["data.task=fss-5-0", "data.fewshot={nshot: 5, ishot: 0}"]))
+    assert step0_cache.model_path(other_draw.run_config("ft"), method, steps) == keys[0]   # one base model for every draw
+
+
+def test_what_the_fewshot_steps_cannot_do_yet_is_one_line_at_load(tiny_config):
+    from experiments.config import ConfigError, apply_overrides, resolve
+
+    with pytest.raises(ConfigError, match="nshot >= 2 or a step of several classes"):
+        resolve(apply_overrides(tiny_config, ["data.task=fss-5-0m", "data.fewshot={nshot: 1}"])).run_config("ft")
+    resolve(apply_overrides(tiny_config, ["data.task=fss-5-0m", "data.fewshot={nshot: 2}"])).run_config("ft")
+    with pytest.raises(ConfigError, match="no images to hold out"):
+        resolve(apply_overrides(tiny_config, ["data.task=fss-5-0", "data.fewshot={nshot: 5}",
+                                              "data.validation_fraction=0.1"])).run_config("ft")
