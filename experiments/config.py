@@ -164,9 +164,16 @@ class StepSchedule(Section):
     lr: PositiveFloat
 
 
+class IncrementalSchedule(StepSchedule):
+    """A step t >= 1's schedule. `iterations`, when set, gives its length in optimizer updates, as
+    PIFS's scripts do (1,000 on VOC): the step trains max(1, iterations // updates per epoch) epochs
+    (the official run.py's rule), and `epochs` is not used."""
+    iterations: PositiveInt | None = None
+
+
 class ScheduleConfig(Section):
     step0: StepSchedule
-    incremental: StepSchedule
+    incremental: IncrementalSchedule
 
 
 class OptimizerConfig(Section):

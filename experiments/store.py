@@ -45,6 +45,9 @@ def identity(config) -> dict:
     values = config.to_dict()
     kept = {k: v for k, v in values.items() if k not in NOT_IN_CONFIG_ID}
     kept["data"] = {k: v for k, v in values["data"].items() if k not in NOT_IN_CONFIG_ID_DATA}
+    if values["schedule"]["incremental"].get("iterations") is None:   # likewise for a step length in iterations
+        kept["schedule"] = {**values["schedule"], "incremental": {k: v for k, v in values["schedule"]["incremental"].items()
+                                                                  if k != "iterations"}}
     if kept["data"].get("fewshot") is None:   # absent from the ids of runs without few-shot steps, as before it existed
         kept["data"].pop("fewshot", None)
     if config.data.dataset != "synthetic":

@@ -133,7 +133,10 @@ def build_step(config, method, steps, step: int, network, old_network=None, clas
     epochs = None
     if step > 0:   # a method's own step length (step 0's belongs to the cached model's key: the schedule's)
         updates = datamodule.updates_per_epoch(world_size(config.trainer), config.trainer.accumulate_grad_batches)
-        epochs = method.training_epochs(context, step_schedule(config, step).epochs, updates)
+        schedule = step_schedule(config, step)
+        # PIFS's scripts count a step in iterations: epochs = iterations // updates per epoch (its run.py)
+        planned = max(1, schedule.iterations // updates) if schedule.iterations else schedule.epochs
+        epochs = method.training_epochs(context, planned, updates)
     return Step(datamodule, module, [TeacherCallback(old_network)], context.stage_directory, epochs)
 
 
@@ -184,6 +187,7 @@ def fit_and_test(config, built: Step, logger, train: bool = True, checkpoint_fil
     return {
         "step": step, "classes": module.steps[step], "trained": train, "train_images": len(datamodule.train_set),
         "test_images": len(datamodule.test_set), "train_seconds": round(train_seconds, 1),
+        "epochs": trainer.max_epochs if train else 0, "optimizer_updates": int(trainer.global_step) if train else 0,
         "unreadable_skipped": len(module.unreadable),
         "iou": {module.class_names[i]: (None if math.isnan(v) else float(v)) for i, v in enumerate(module.test_iou)},
         "summary": module.test_summary, "confusion": module.test_confusion.tolist(), "validation": validation,

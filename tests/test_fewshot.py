@@ -137,3 +137,17 @@ def test_what_the_fewshot_steps_cannot_do_yet_is_one_line_at_load(tiny_config):
     with pytest.raises(ConfigError, match="no images to hold out"):
         resolve(apply_overrides(tiny_config, ["data.task=fss-5-0", "data.fewshot={nshot: 5}",
                                               "data.validation_fraction=0.1"])).run_config("ft")
+
+
+def test_a_step_given_in_iterations_trains_iterations_over_updates_per_epoch_epochs(tiny_config):
+    """schedule.incremental.iterations (PIFS's scripts): epochs = max(1, iterations // updates per
+    epoch), as the official run.py; here 5 shots (1 per novel class) in batches of 4 = 1 update per
+    epoch, so 3 iterations are 3 epochs of one update."""
+    from experiments import run
+    from experiments.config import apply_overrides, resolve
+
+    config = resolve(apply_overrides(tiny_config, ["data.task=fss-5-0", "data.fewshot={nshot: 1, ishot: 0}",
+                                                   "data.test_images=all", "methods=[ft]",
+                                                   "schedule.incremental={epochs: 1, lr: 0.001, iterations: 3}"]))
+    step1 = run.run_experiment(config)["ft"]["steps"][1]
+    assert (step1["train_images"], step1["epochs"], step1["optimizer_updates"]) == (5, 3, 3)
