@@ -109,10 +109,12 @@ def base_step_rows(presence: np.ndarray, base_classes: list[int]) -> np.ndarray:
     return np.flatnonzero(~(presence & ~base).any(axis=1))
 
 
-def shot_labels(mask: np.ndarray, seen_classes: list[int], shot_class: int) -> np.ndarray:
-    """A shot image's training mask, as the official novel step remaps it: background, the old
-    classes and the shot's own class keep their ids; every other class and void become 255
-    (ignored), so a shot never teaches that another novel class is background."""
-    keep = np.zeros(256, dtype=bool)
-    keep[[0, *seen_classes, shot_class]] = True
-    return np.where(keep[mask], mask, 255).astype(mask.dtype)
+def shot_lookup(channels: np.ndarray, old_classes: list[int], shot_class: int) -> np.ndarray:
+    """A shot image's label lookup (256 entries), as the official novel step remaps its mask:
+    background, the old classes and the shot's own class through `channels` (dataset id -> label),
+    every other class and void to 255 (ignored), so a shot never teaches that another novel class
+    is background."""
+    kept = [0, *old_classes, shot_class]
+    lookup = np.full(256, 255, dtype=np.uint8)
+    lookup[kept] = channels[kept]
+    return lookup

@@ -277,7 +277,7 @@ class IncrementalSegmentationDataModule(pl.LightningDataModule):
         old-class ids ("background" or "kept"; the method's by default), "kept" for masks whose old
         classes a model wrote (RECALL's inpainting). `files`: other images with their masks (every
         row of them: RECALL's replay pool), augmented the same way."""
-        rows = self.train_indices
+        rows, own_images = self.train_indices, files is None
         if files is not None:
             rows = np.arange(len(files), dtype=np.int64)
         else:
@@ -289,7 +289,7 @@ class IncrementalSegmentationDataModule(pl.LightningDataModule):
         lookup = label_lookup(self.steps, self.step, "train", void_as_background=self.void_as_background,
                               old_classes=old_classes or self.old_labels,
                               background_is_unlabeled=self.located.background_is_unlabeled)
-        if self.shot_classes is not None and rows is self.train_indices:
+        if self.shot_classes is not None and own_images:   # each few-shot sample labelled for its own class
             lookup = self._shot_lookups()
         return PixelLabelled(files, rows, lookup, train_transform(self.crop_size, self.train_scale),
                              seed=self.seed, on_unreadable=self.on_unreadable, cache_decoded=self.cache_decoded)
@@ -319,15 +319,10 @@ class IncrementalSegmentationDataModule(pl.LightningDataModule):
         return np.array([row for c in self.steps[self.step] for row in chosen[c]], dtype=np.int64)
 
     def _shot_lookups(self) -> np.ndarray:
-        """One train lookup per shot sample (n, 256): background, the old classes and the shot's own
-        class to their channels, every other class and void ignored (255), as the official code."""
+        """One train lookup per shot sample (n, 256), fewshot.shot_lookup's rule."""
         channels = label_lookup(self.steps, self.step, "test", future_classes="ignore")   # seen classes -> channel
         old = [c for s in self.steps[:self.step] for c in s if c != 0]
-        lookups = np.full((len(self.shot_classes), 256), 255, dtype=np.uint8)
-        for i, shot_class in enumerate(self.shot_classes):
-            kept = [0, *old, int(shot_class)]
-            lookups[i, kept] = channels[kept]
-        return lookups
+        return np.stack([fewshot.shot_lookup(channels, old, int(c)) for c in self.shot_classes])
 
     def _rank_and_world(self) -> tuple[int, int]:
         trainer = self.trainer

@@ -167,7 +167,8 @@ class StepSchedule(Section):
 class IncrementalSchedule(StepSchedule):
     """A step t >= 1's schedule. `iterations`, when set, gives its length in optimizer updates, as
     PIFS's scripts do (1,000 on VOC): the step trains max(1, iterations // updates per epoch) epochs
-    (the official run.py's rule), and `epochs` is not used."""
+    (the official run.py's rule), and `epochs` is not used. The official loop repeats one shuffled
+    loader 20 // nshot times per epoch; here every epoch is reshuffled: the same updates, another order."""
     iterations: PositiveInt | None = None
 
 

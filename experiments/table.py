@@ -29,7 +29,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from experiments import step0_cache
-from experiments.compare import _diff_cell, comparison_table, to_csv
+from experiments.compare import _diff_cell, _number, comparison_table, to_csv
 from experiments.config import ConfigError, Experiment, apply_overrides, load_experiment, resolve
 from experiments.reporting.table import _paper_cell, table_console
 from experiments.store import RunStore
@@ -163,13 +163,15 @@ def table_rows(results_of: dict[str, dict[str, dict]], experiments: dict[str, Ex
     None when it did not run), "<p>_missing" (why not), "<p>_paper" (its paper numbers)}."""
     from lightning_modules.methods import METHODS
 
+    papers_of = {protocol: wilson_table_numbers(experiment.expected) if with_paper else {}
+                 for protocol, experiment in experiments.items()}
     rows = []
     for name in TABLE_METHODS:
         if not any(name in experiment.methods for experiment in experiments.values()):
             continue
         row = {"method": name, "name": DISPLAY_NAMES[name], "supervision": METHODS[name].supervision, "network": None}
         for protocol, experiment in experiments.items():
-            papers = wilson_table_numbers(experiment.expected) if with_paper else {}
+            papers = papers_of[protocol]
             result = results_of.get(protocol, {}).get(name)
             compared = comparison_table({name: [result]}, {"methods": papers})[0] if result else None
             row[protocol] = compared
@@ -179,10 +181,6 @@ def table_rows(results_of: dict[str, dict[str, dict]], experiments: dict[str, Ex
                 row["network"] = row["network"] or compared["network"]
         rows.append(row)
     return rows
-
-
-def _number(value) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.1f}"
 
 
 def _row_cells(row: dict, protocols, with_paper: bool) -> list[str]:
@@ -198,14 +196,18 @@ def _row_cells(row: dict, protocols, with_paper: bool) -> list[str]:
     return cells
 
 
-def _header(protocols, experiments: dict[str, Experiment], with_paper: bool) -> list[str]:
+def _spans(experiment: Experiment) -> tuple[str, str]:
+    """The old and the new classes of the experiment's task, as the tables name them ("1-15", "16-20")."""
     from datamodules.tasks import class_span, task_classes
 
+    steps = task_classes(experiment.data.dataset, experiment.data.task)
+    return class_span(steps[0]), class_span([c for s in steps[1:] for c in s])
+
+
+def _header(protocols, experiments: dict[str, Experiment], with_paper: bool) -> list[str]:
     header = ["Method", "network"]
     for protocol in protocols:
-        data = experiments[protocol].data
-        steps = task_classes(data.dataset, data.task)
-        old, new = class_span(steps[0]), class_span([c for s in steps[1:] for c in s])
+        old, new = _spans(experiments[protocol])
         title = protocol.capitalize()
         header += [f"{title} old {old}", f"new {new}", "All"]
         if with_paper:
@@ -259,11 +261,10 @@ def print_table(console, rows: list[dict], experiments: dict[str, Experiment], w
     console.print(table)
 
 
-def write_csv(rows: list[dict], path: Path) -> Path:
-    flat = []
-    for row in rows:
-        for protocol in (k for k in row if isinstance(row[k], dict) and "final_old_no_bg_mean" in row[k]):
-            flat.append({"protocol": protocol, "supervision": row["supervision"], **row[protocol]})
+def write_csv(rows: list[dict], protocols, path: Path) -> Path:
+    """One line per (protocol, method) that ran: every column of its compare row."""
+    flat = [{"protocol": protocol, "supervision": row["supervision"], **row[protocol]}
+            for row in rows for protocol in protocols if row[protocol]]
     return to_csv(flat, path)
 
 
@@ -317,9 +318,7 @@ def plot_table(rows: list[dict], experiments: dict[str, Experiment], path) -> Pa
             axis.grid(axis="y", alpha=0.3)
             axis.set_axisbelow(True)
         first = next(iter(experiments.values()))
-        from datamodules.tasks import class_span, task_classes
-        steps = task_classes(first.data.dataset, first.data.task)
-        old, new = class_span(steps[0]), class_span([c for s in steps[1:] for c in s])
+        old, new = _spans(first)
         handles = [Patch(color=colours[s][k], label=f"{SUPERVISION_TITLES[s].lower()} labels: {part}")
                    for s in colours for k, part in enumerate((f"old {old}", f"new {new}"))]
         figure.legend(handles=handles, loc="outside lower center", ncols=4, frameon=False)
@@ -376,7 +375,7 @@ def run_table(experiments: dict[str, Experiment], dataset: str, console=None) ->
     stem = output_name(dataset)
     paths = {"markdown": out_dir / f"{stem}.md", "csv": out_dir / f"{stem}.csv"}
     paths["markdown"].write_text(markdown)
-    write_csv(rows, paths["csv"])
+    write_csv(rows, list(experiments), paths["csv"])
     paths["figure"] = plot_table(rows, experiments, out_dir / f"{stem}.png")
     print_table(console, rows, experiments, with_paper, timing)
     console.print("written: " + ", ".join(str(p) for p in paths.values()), soft_wrap=True)

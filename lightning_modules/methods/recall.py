@@ -49,10 +49,11 @@ from lightning_modules.methods.weak_baseline import full_image, normalised_image
 INPAINTED, REPLAY = "inpainted", "replay"
 
 
-def network_digest(network: nn.Module) -> str:
-    """A digest of a network's weights and buffers: what the stage's labels depend on."""
+def tensors_digest(named_tensors) -> str:
+    """A digest of (name, tensor) pairs in their order (a network's weights and buffers, the carried
+    decoders): what the stage's labels depend on."""
     digest = hashlib.sha1()
-    for name, value in network.state_dict().items():
+    for name, value in named_tensors:
         digest.update(name.encode())
         digest.update(value.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
@@ -61,6 +62,13 @@ def network_digest(network: nn.Module) -> str:
 def frozen_by_recall(network: nn.Module) -> list[nn.Module]:
     """What RECALL freezes after step 0: the encoder and every batch-norm layer."""
     return [network.encoder, *(m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))]
+
+
+def _synthetic_options(config) -> dict:
+    """The embedded dataset's parameters of the run (its defaults where the experiment sets none)."""
+    from datamodules.datasets.synthetic import DEFAULTS
+
+    return {**DEFAULTS, **(config.data.options or {}).get("synthetic", {})}
 
 
 class FrozenEncoder(nn.Module):
@@ -115,8 +123,8 @@ class RECALL(Method):
         if self.pool:
             return Path(self.pool)
         if config.data.dataset == "synthetic":
-            options = (config.data.options or {}).get("synthetic", {})
-            name = f"synthetic-{options.get('size', 80)}px-seed{options.get('seed', 0)}-{self.embedded_pool_size}"
+            options = _synthetic_options(config)
+            name = f"synthetic-{options['size']}px-seed{options['seed']}-{self.embedded_pool_size}"
             return Path(config.data.root) / "recall_pool" / name
         return Path(config.data.root) / "recall_pool" / config.data.dataset
 
@@ -128,9 +136,9 @@ class RECALL(Method):
         config = context.config
         directory = self.pool_directory(config)
         if config.data.dataset == "synthetic" and not self.pool:
-            options = (config.data.options or {}).get("synthetic", {})
-            build_synthetic_pool(directory, self.embedded_pool_size, int(options.get("size", 80)),
-                                 dataset_seed=int(options.get("seed", 0)), progress=False)
+            options = _synthetic_options(config)
+            build_synthetic_pool(directory, self.embedded_pool_size, int(options["size"]),
+                                 dataset_seed=int(options["seed"]), progress=False)
         old = [c for s in context.steps[: context.step] for c in s if c != 0]
         try:
             images = pool_images(directory, class_names(config.data.dataset, config.data.options), old)
@@ -149,8 +157,8 @@ class RECALL(Method):
             pool = {str(c): [[p.name, p.stat().st_size] for p in paths] for c, paths in self.replay_images(context).items()}
         return {"dataset": config.data.dataset, "options": config.data.options, "steps": context.steps,
                 "mode": config.data.mode, "images": hashlib.sha1(json.dumps(ids).encode()).hexdigest(),
-                "old_network": network_digest(context.old_network), "pool": pool,
-                "labellers": self._carried_digest(), "helper": self._trains_helper(context) and self.helper_settings(),
+                "old_network": tensors_digest(context.old_network.state_dict().items()), "pool": pool,
+                "labellers": tensors_digest(sorted(self.carried.items())), "helper": self._trains_helper(context) and self.helper_settings(),
                 "precision": self._precision(config), "version": 2}
 
     def helper_settings(self) -> dict:
@@ -160,13 +168,6 @@ class RECALL(Method):
     def _trains_helper(self, context: StepContext) -> bool:
         """A step s >= 1 trains a helper decoder when a later step will replay its classes."""
         return self.replay and 1 <= context.step < len(context.steps) - 1
-
-    def _carried_digest(self) -> str:
-        digest = hashlib.sha1()
-        for name in sorted(self.carried):
-            digest.update(name.encode())
-            digest.update(self.carried[name].detach().cpu().contiguous().numpy().tobytes())
-        return digest.hexdigest()[:16]
 
     def _precision(self, config) -> str:
         from experiments.config import resolve_precision
