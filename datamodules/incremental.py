@@ -255,8 +255,8 @@ class IncrementalSegmentationDataModule(pl.LightningDataModule):
                                          cache_decoded=self.cache_decoded)
         if self.fewshot and len(self.train_set) < 2:
             raise ValueError(f"step {self.step} has {len(self.train_set)} shot image(s): a batch of one image needs "
-                             "PIFS's batch renormalisation, which the suite does not have yet (use nshot >= 2 or a "
-                             "step of several classes)")
+                             "DeepLab without its image-pooling branch (the official --no_pooling), which the suite "
+                             "does not have yet (use nshot >= 2 or a step of several classes)")
         if len(self.train_set) < 2:
             raise ValueError(f"step {self.step} of {self.dataset} {self.mode} has {len(self.train_set)} training "
                              "images; at least 2 are needed (batch norm)")
@@ -358,11 +358,22 @@ class IncrementalSegmentationDataModule(pl.LightningDataModule):
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                           pin_memory=torch.cuda.is_available(), collate_fn=collate_skipping)
 
-    def training_pass_dataloader(self) -> DataLoader:
+    def training_pass_dataloader(self, images: str = "train") -> DataLoader:
         """One pass over the step's own training images (source 0) before training: this rank's
-        shard (every image once over all ranks), the train transform seeded with an epoch of its
-        own (sampling.TRAINING_PASS_EPOCH), in training batches."""
+        shard (every image once over all ranks). images "train": the train transform seeded with an
+        epoch of its own (sampling.TRAINING_PASS_EPOCH), in training batches; "full": the images
+        and labels whole, without augmentation (evaluation's "full" transform), one per batch."""
         rank, world = self._rank_and_world()
+        if images == "full":
+            if not isinstance(self.train_set, PixelLabelled):
+                raise ValueError("a pass over whole training images needs pixel labels")
+            whole = PixelLabelled(self.train_set.files, self.train_set.indices, self.train_set.lookup,
+                                  eval_transform(self.eval_crop_size, "full", self.size_divisor),
+                                  on_unreadable=self.on_unreadable, cache_decoded=self.cache_decoded)
+            return DataLoader(whole, batch_size=1, sampler=ShardedSampler(len(whole), rank, world),
+                              num_workers=self.num_workers, collate_fn=collate_skipping)
+        if images != "train":
+            raise ValueError(f"training pass images must be 'train' or 'full', not {images!r}")
         return DataLoader(self.train_set, batch_size=self.batch_size,
                           sampler=ShardedSampler(len(self.train_set), rank, world, epoch=TRAINING_PASS_EPOCH),
                           num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),

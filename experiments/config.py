@@ -388,8 +388,9 @@ def _check_fewshot(data) -> None:
 
     smallest = min(len(step) for step in task_classes(data.dataset, data.task)[1:]) if data.task else 0
     if data.fewshot.nshot * smallest < 2:
-        raise ConfigError("data.fewshot: a step of one class with nshot=1 trains on one image, which needs PIFS's "
-                          "batch renormalisation (not in the suite yet): use nshot >= 2 or a step of several classes")
+        raise ConfigError("data.fewshot: a step of one class with nshot=1 trains on batches of one image, whose "
+                          "image-pooling branch normalises a single value; the official scripts drop that branch "
+                          "(--no_pooling), the suite's DeepLab cannot yet: use nshot >= 2 or a step of several classes")
 
 
 # --- precision ---------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ class IncrementalSegmentationModule(pl.LightningModule):
         # its new head (the step loop adds it before building the module).
         self.step_modules = nn.ModuleDict(method.step_modules(network, self.n_old) if step > 0 else {})
         self.pass_totals: dict[str, torch.Tensor] | None = None  # the method's pass before training
+        self.pass_restored = False  # whether pass_totals came from a resumed step's checkpoint
         self.test_confusion: np.ndarray | None = None  # filled by a test run
         self.test_iou: np.ndarray | None = None
         self.test_summary: dict | None = None
@@ -94,13 +95,15 @@ class IncrementalSegmentationModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         """The method's pass over the training images, unless a resumed checkpoint holds its totals."""
         if self.step > 0 and self.method.uses_training_pass:
+            # Restored from a checkpoint: the step resumes, so its weights are past the pass.
+            self.pass_restored = self.pass_totals is not None
             if self.pass_totals is None:
                 self.pass_totals = self._training_pass()
             self.method.after_training_pass(self, self.pass_totals)
 
     @torch.no_grad()
     def _training_pass(self) -> dict[str, torch.Tensor]:
-        loader = self.trainer.datamodule.training_pass_dataloader()
+        loader = self.trainer.datamodule.training_pass_dataloader(self.method.training_pass_images)
         totals: dict[str, torch.Tensor] = {}
         was_training = self.training
         self.eval()
@@ -111,9 +114,10 @@ class IncrementalSegmentationModule(pl.LightningModule):
                 with self.trainer.precision_plugin.forward_context():
                     statistics = self.method.training_pass(self, batch)
                 for name, value in statistics.items():
-                    if value.is_floating_point():
-                        raise TypeError(f"{self.method.name}.training_pass returned a floating-point {name!r}; "
-                                        "pass statistics are integers, so that every process count sums them exactly")
+                    if value.is_floating_point() and value.dtype != torch.float64:
+                        raise TypeError(f"{self.method.name}.training_pass returned a {value.dtype} {name!r}; pass "
+                                        "statistics are integers (every process count sums them exactly) or float64 "
+                                        "sums (equal to rounding)")
                     totals[name] = totals[name] + value if name in totals else value.clone()
         finally:
             self.train(was_training)

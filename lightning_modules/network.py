@@ -11,6 +11,7 @@ A method never reaches into the network. What it may ask for:
                              into the teacher and do not mix with torch.compile.
   add_classes(n)             a new 1x1 classifier head for the next step's n classes
   init_new_classes_from_background()   MiB's initialisation of the newest head
+  use_cosine_classifier()    PIFS's cosine classifier in place of the linear one (imprint_newest)
   parameter_groups()         {"encoder", "decoder", "classifier"}: lists of parameters
   feature_channels           channels of the "encoder" output; output_stride
   frozen_copy()              the old model of the next step: a detached, frozen, eval-mode copy
@@ -81,6 +82,101 @@ class IncrementalClassifier(nn.Module):
         new.weight.copy_(background.weight[0:1].expand_as(new.weight))
         new.bias.fill_(float(shifted_bias))
         background.bias[0] = shifted_bias
+
+
+class CosineClassifier(IncrementalClassifier):
+    """PIFS's cosine classifier (fcdl94/FSS `modules/classifier.py: CosineClassifier`, the `COS`
+    base step, WI and PIFS): one bias-free 1x1 head per step, and for every class c
+        z_c = scale * <x / |x|, w_c / |w_c|>     (scale 10, fixed in the official code),
+    the features and each class's weight normalised over channels. A new class's weight can be
+    imprinted (set to a prototype); its length does not matter."""
+
+    def __init__(self, in_channels: int, classes_per_step: list[int], scale: float = 10.0):
+        nn.Module.__init__(self)
+        self.in_channels, self.scale = in_channels, scale
+        self.heads = nn.ModuleList(nn.Conv2d(in_channels, n, kernel_size=1, bias=False) for n in classes_per_step)
+
+    def add_step(self, num_classes: int) -> nn.Conv2d:
+        head = nn.Conv2d(self.in_channels, num_classes, kernel_size=1, bias=False).to(self.heads[0].weight.device)
+        self.heads.append(head)
+        return head
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        unit = F.normalize(features, dim=1)
+        return torch.cat([self.scale * F.conv2d(unit, F.normalize(head.weight, dim=1)) for head in self.heads], dim=1)
+
+    def init_newest_from_background(self) -> None:
+        raise ValueError("MiB's background initialisation needs biases; the cosine classifier has none "
+                         "(its new classes are imprinted: imprint_newest)")
+
+    @torch.no_grad()
+    def imprint_newest(self, weights: torch.Tensor) -> None:
+        """The newest head's weights := `weights` (new classes x channels), e.g. prototypes."""
+        head = self.heads[-1]
+        if weights.shape != head.weight.shape[:2]:
+            raise ValueError(f"imprinting {tuple(weights.shape)} weights into a head of "
+                             f"{tuple(head.weight.shape[:2])} (classes x channels)")
+        head.weight.copy_(weights.view_as(head.weight).to(head.weight))
+
+
+# --- batch renormalisation (PIFS) -----------------------------------------------------------------
+def batch_renormalisation(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_mean: torch.Tensor,
+                          running_var: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Batch renormalisation (Ioffe 2017) in training mode as PIFS's code computes it (fcdl94/FSS
+    `modules/custom_bn.py: ABR`, no clipping of r and d, running statistics left as they are):
+    with the batch's per-channel mean mu_B and variance over (N, H, W),
+        r = sqrt(var_B' + eps) / sqrt(var_run + eps),  d = (mu_B - mu_run) / sqrt(var_run + eps)
+    (var_B' the unbiased variance, as the code's `var()`; r and d carry no gradient), and
+        y = gamma * r * (x - mu_B) / sqrt(var_B + eps) + beta + gamma * d
+    (var_B the biased variance of batch norm's normalisation). The forward value is the eval-mode
+    batch norm's (up to the n / (n - 1) of the two variances); the gradient still flows through
+    the batch statistics. PIFS uses it so that a step trained on a few non-i.i.d. images does
+    not drag the network towards its batches' statistics."""
+    with torch.no_grad():
+        flat = x.detach().transpose(0, 1).reshape(x.shape[1], -1).float()
+        running_std = (running_var.float() + eps).sqrt()
+        r = (flat.var(dim=1) + eps).sqrt() / running_std
+        d = (flat.mean(dim=1) - running_mean.float()) / running_std
+    return F.batch_norm(x, None, None, weight * r.to(weight), bias + weight * d.to(weight), True, 0.0, eps)
+
+
+class BatchRenorm2d(nn.Module):
+    """A BatchNorm2d's parameters and buffers (the same state-dict keys) normalised by
+    `batch_renormalisation` in training mode and by the running statistics in eval mode. The
+    running statistics never change (the official ABR's momentum 0). Deliberately not a
+    torch _BatchNorm: Lightning's SyncBatchNorm conversion would replace it; PIFS's statistics are
+    each process's own batch's, as in the official code."""
+
+    def __init__(self, batch_norm: nn.BatchNorm2d):
+        super().__init__()
+        if not batch_norm.affine or not batch_norm.track_running_stats:
+            raise ValueError("batch renormalisation needs an affine batch norm with running statistics")
+        self.num_features, self.eps = batch_norm.num_features, batch_norm.eps
+        self.weight, self.bias = batch_norm.weight, batch_norm.bias
+        self.register_buffer("running_mean", batch_norm.running_mean)
+        self.register_buffer("running_var", batch_norm.running_var)
+        self.register_buffer("num_batches_tracked", batch_norm.num_batches_tracked)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return batch_renormalisation(x, self.weight, self.bias, self.running_mean, self.running_var, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, running statistics frozen"
+
+
+def use_batch_renormalisation(module: nn.Module) -> int:
+    """Every BatchNorm2d under `module` becomes a BatchRenorm2d holding the same parameters and
+    buffers (so saved states load either way); returns how many."""
+    count = 0
+    for name, child in list(module.named_children()):
+        if type(child) is nn.BatchNorm2d:
+            setattr(module, name, BatchRenorm2d(child))
+            count += 1
+        else:
+            count += use_batch_renormalisation(child)
+    return count
 
 
 # --- stage taps: a ResNet block's output before its last activation -----------------------------
@@ -236,6 +332,16 @@ class SegmentationNetwork(nn.Module):
         """MiB's initialisation of the newest head (IncrementalClassifier.init_newest_from_background;
         MiB, PLOP)."""
         self.classifier.init_newest_from_background()
+
+    def use_cosine_classifier(self, scale: float = 10.0) -> None:
+        """PIFS's network: the classifier becomes a CosineClassifier of the same steps (new weights),
+        and the decoder's last ReLU goes, so that the features it classifies are signed like the
+        official head's (fcdl94/FSS DeeplabV3 with last_relu False ends with a 1x1 conv; smp's
+        DeepLabV3 decoder ends with conv + BN + ReLU, of which the BN stays)."""
+        if self.settings["arch"] != "deeplabv3":
+            raise ValueError(f"the cosine classifier is built on DeepLabV3 (PIFS's head), not {self.settings['arch']!r}")
+        self.decoder.relu = nn.Identity()
+        self.classifier = CosineClassifier(self.classifier.in_channels, self.classes_per_step, scale)
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"encoder": list(self.encoder.parameters()), "decoder": list(self.decoder.parameters()),

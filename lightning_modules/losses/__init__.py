@@ -10,6 +10,7 @@ with the signature it was given), whichever submodule holds it:
   mbs               MBS's selective pseudo-labels, adaptive feature and label-guided distillation,
                     orthogonal loss
   recall            RECALL's background inpainting of the new step's labels
+  pifs              weight imprinting from prototypes, PIFS's prototype distillation
 
 Shapes: logits (B, C, H, W) over the C channels of the current model, in the order
 [bg, step-0 classes, step-1 classes, ...]; labels (B, H, W) of channel indices, 255 ignored.
@@ -21,3 +22,4 @@ from lightning_modules.losses.plop import *  # noqa: F401,F403,E402
 from lightning_modules.losses.sdr import *  # noqa: F401,F403,E402
 from lightning_modules.losses.mbs import *  # noqa: F401,F403,E402
 from lightning_modules.losses.recall import *  # noqa: F401,F403,E402
+from lightning_modules.losses.pifs import *  # noqa: F401,F403,E402

@@ -22,8 +22,9 @@ meets them (every hook has a default that does nothing special):
                     training_epochs(context, epochs, updates_per_epoch): the step's length (RECALL's
                       iterations per new class)
                     training_pass(module, batch) / after_training_pass(module, totals): one pass
-                      over the step's training images with the old model before training,
-                      integer statistics summed over processes, kept in the step's checkpoint
+                      over the step's training images (augmented, or whole: training_pass_images)
+                      before training, statistics summed over processes, kept in the step's
+                      checkpoint
   while training    training_loss(module, batch) (step 0 / incremental_training_loss),
                     on_train_epoch_start(module), on_before_optimizer_step(module, optimizer)
   across steps      carried state: state_dict() / load_state_dict(); saved with the step's
@@ -164,17 +165,22 @@ class Method:
 
     # --- the pass over the training images before training --------------------------------------
     uses_training_pass: ClassVar[bool] = False
+    # What the pass sees: "train" (the train transform, training batches) or "full" (whole images
+    # and labels, no augmentation, one per batch: PIFS's imprinting on the official `train_dst_no_aug`)
+    training_pass_images: ClassVar[str] = "train"
 
     def training_pass(self, module, batch) -> dict[str, torch.Tensor]:
         """With uses_training_pass: called on every batch of one pass over the step's training
         images (the train transform, seeded; old model in eval mode, no gradients) before the
-        first epoch. Returns integer tensors, summed over the batches and over the processes, so
-        that 1 and N processes get identical totals."""
+        first epoch (images: training_pass_images). Returns integer tensors, summed over the batches
+        and over the processes, so that 1 and N processes get identical totals; float64 tensors
+        (sums of features) are summed the same way, equal up to rounding."""
         raise NotImplementedError
 
     def after_training_pass(self, module, totals: dict[str, torch.Tensor]) -> None:
         """The summed statistics of training_pass (also after a resume: they are kept in the
-        step's training checkpoint, so the pass is not run again)."""
+        step's training checkpoint, so the pass is not run again; `module.pass_restored` is then
+        True, and the network's weights are the checkpoint's, past anything set here before)."""
 
     # --- optimisation ---------------------------------------------------------------------------
     def parameter_groups(self, module, lr: float) -> list[dict]:
