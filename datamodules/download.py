@@ -87,6 +87,24 @@ OFFICIAL_ARCHIVES: dict[str, Archive] = {
 }
 
 
+# Single files, no archive: PIFS's official VOC split files (fcdl94/FSS, MIT), pinned to the commit the
+# suite was checked against, so that few-shot draws can take the official per-class image lists
+# (datamodules/fewshot.py, data.fewshot.class_lists=official). The sha256 is that of the files at the
+# pinned commit (git blobs read from a snapshot of the repository).
+FSS_COMMIT = "6910c6864761526a35ba0cb0e1bcabed01ce86dc"
+_FSS_RAW = f"https://raw.githubusercontent.com/fcdl94/FSS/{FSS_COMMIT}/data/voc/split"
+OFFICIAL_FILES: dict[str, Archive] = {
+    "fss_voc_train_ids": Archive(
+        name="train_ids.npy", url=f"{_FSS_RAW}/train_ids.npy",
+        checksum="04436d1b28cfa2cd5c7b2ae8f6e730b842ae55b936e01664424a9a37008e2ece", algorithm="sha256",
+        source=f"fcdl94/FSS@{FSS_COMMIT[:7]} data/voc/split/train_ids.npy (465,736 bytes)"),
+    "fss_voc_class_lists": Archive(
+        name="inverse_dict_train.pkl", url=f"{_FSS_RAW}/inverse_dict_train.pkl",
+        checksum="5be33debff39214bb26ff4eb01c846efc0038f204dd14ad4763fee26d189b969", algorithm="sha256",
+        source=f"fcdl94/FSS@{FSS_COMMIT[:7]} data/voc/split/inverse_dict_train.pkl (210,070 bytes)"),
+}
+
+
 class DownloadError(RuntimeError):
     """A download stopped early; whatever arrived is kept in the `.part` file for the next run."""
 
@@ -371,3 +389,26 @@ def fetch(archive: Archive, download_dir: Path, extract_to: Path, *, allow_unver
         path.replace(corrupt)
         raise ChecksumError(f"{path}: {error} (CRC check failed); nothing was extracted, the file was renamed to "
                             f"{corrupt.name} and the next run downloads it afresh", corrupt, "crc32", "", "") from None
+
+
+def fetch_file(file: Archive, directory: Path, *, progress: bool = False) -> Path:
+    """A single published file (no archive) in `directory`, downloaded (resuming) unless a verified
+    copy is there; a copy whose digest differs is renamed to `<name>.corrupt` and ChecksumError
+    says so. Returns its path."""
+    path = Path(directory) / file.name
+    if path.exists():
+        try:
+            verify(path, file)
+            return path
+        except ChecksumError:
+            path.replace(path.with_name(path.name + ".corrupt"))
+    download(file.url, path, progress=progress)
+    try:
+        verify(path, file)
+    except ChecksumError as error:
+        corrupt = path.with_name(path.name + ".corrupt")
+        path.replace(corrupt)
+        raise ChecksumError(f"{path}: {error.algorithm} is {error.actual}, expected {error.expected}; renamed to "
+                            f"{corrupt.name}, the next run downloads it afresh", corrupt, error.algorithm,
+                            error.expected, error.actual) from None
+    return path

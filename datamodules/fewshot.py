@@ -16,11 +16,16 @@ Images (the official `FSSDataset`):
                 from SPNet), so each of ishot = 0, 1, 2 is another draw of n = 1, 2 or 5 shots
   test          every test image; classes not yet seen are ignored (255)
 
-A class's image list is the official one for VOC (`inverse_dict_train.pkl` of fcdl94/FSS, which
-is not in index order: `official_class_lists` maps it onto the suite's file list), and the images
-containing the class in file order elsewhere (`class_image_lists`: the embedded dataset).
+A class's image list (data.fewshot.class_lists): "file_order", the images containing the class in
+the order of the training list (`class_image_lists`: the embedded dataset, and VOC by default), or
+"official", the official VOC lists (`inverse_dict_train.pkl` of fcdl94/FSS, which are not in index
+order: `official_class_lists` maps them onto the suite's file list), which `make data DATASET=voc`
+fetches, so that the draws are the official images.
 """
 from __future__ import annotations
+
+import pickle
+from pathlib import Path
 
 import numpy as np
 
@@ -80,6 +85,32 @@ def official_class_lists(official: dict, official_ids, file_ids) -> dict[int, li
                          f"(e.g. {missing[0]}): the official few-shot draws need VOC's train_aug images")
     rows = [row_of[str(i)] for i in official_ids]
     return {int(c): [rows[int(i)] for i in indices] for c, indices in official.items() if int(c) != 0}
+
+
+def official_directory(data_root) -> Path:
+    """Where `make data DATASET=voc` puts the official few-shot split files."""
+    return Path(data_root) / "fss" / "voc"
+
+
+def load_official_class_lists(data_root, file_ids) -> dict[int, list[int]]:
+    """The official VOC per-class lists as rows of `file_ids` (official_class_lists), from the
+    files `make data DATASET=voc` fetched, checked against their pinned sha256 before they are
+    unpickled; one-line errors when they are missing or differ."""
+    from datamodules.datasets.errors import DatasetMissing
+    from datamodules.download import OFFICIAL_FILES, verify
+
+    directory = official_directory(data_root)
+    paths = {key: directory / file.name for key, file in OFFICIAL_FILES.items()}
+    missing = [str(path) for path in paths.values() if not path.exists()]
+    if missing:
+        raise DatasetMissing(f"data.fewshot.class_lists=official needs PIFS's official split files ({missing[0]} is "
+                             "missing): make data DATASET=voc fetches them")
+    for key, path in paths.items():
+        verify(path, OFFICIAL_FILES[key])
+    official_ids = np.load(paths["fss_voc_train_ids"], allow_pickle=False)
+    with open(paths["fss_voc_class_lists"], "rb") as handle:
+        official = pickle.load(handle)   # verified above: the pinned official file
+    return official_class_lists(official, official_ids, list(file_ids))
 
 
 def shot_rows(class_lists: dict[int, list[int]], novel_classes: list[int], nshot: int, ishot: int) -> dict[int, list[int]]:

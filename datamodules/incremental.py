@@ -232,12 +232,12 @@ class IncrementalSegmentationDataModule(pl.LightningDataModule):
         located = datasets.locate(self.dataset, self.data_root, self.dataset_options)
         num_fg = NUM_FOREGROUND[self.dataset]
         self.train_presence, self.test_presence = dataset_presence(located, num_fg)
+        self.located = located
         self.train_indices = self._fewshot_rows() if self.fewshot else self._train_rows(located)
         held_out = validation_rows(len(located.train), self.validation_fraction)
         if len(held_out):
             self.train_indices = np.setdiff1d(self.train_indices, held_out)
         self.test_indices = splits.select_test_images(self.test_presence, self.steps, self.step, self.test_images)
-        self.located = located
         unlabeled = located.background_is_unlabeled
         self.train_set = (self.image_labelled_training_set() if self.supervision == "image"
                           else self.pixel_labelled_training_set())
@@ -253,11 +253,7 @@ class IncrementalSegmentationDataModule(pl.LightningDataModule):
             self.val_indices = held_out[seen]
             self.val_set = PixelLabelled(located.train, self.val_indices, test_lookup, eval_tf,
                                          cache_decoded=self.cache_decoded)
-        if self.fewshot and len(self.train_set) < 2:
-            raise ValueError(f"step {self.step} has {len(self.train_set)} shot image(s): a batch of one image needs "
-                             "DeepLab without its image-pooling branch (the official --no_pooling), which the suite "
-                             "does not have yet (use nshot >= 2 or a step of several classes)")
-        if len(self.train_set) < 2:
+        if len(self.train_set) < 2 and not (self.fewshot and len(self.train_set) == 1):
             raise ValueError(f"step {self.step} of {self.dataset} {self.mode} has {len(self.train_set)} training "
                              "images; at least 2 are needed (batch norm)")
 
@@ -313,8 +309,11 @@ class IncrementalSegmentationDataModule(pl.LightningDataModule):
         (an image drawn for two classes is two samples, each labelled for its own class)."""
         if self.step == 0:
             return fewshot.base_step_rows(self.train_presence, self.steps[0])
-        chosen = fewshot.shot_rows(fewshot.class_image_lists(self.train_presence), self.steps[self.step],
-                                   self.fewshot["nshot"], self.fewshot["ishot"])
+        if self.fewshot.get("class_lists", "file_order") == "official":
+            lists = fewshot.load_official_class_lists(self.data_root, self.located.train.ids)
+        else:
+            lists = fewshot.class_image_lists(self.train_presence)
+        chosen = fewshot.shot_rows(lists, self.steps[self.step], self.fewshot["nshot"], self.fewshot["ishot"])
         self.shot_classes = np.array([c for c in self.steps[self.step] for _ in chosen[c]], dtype=np.int64)
         return np.array([row for c in self.steps[self.step] for row in chosen[c]], dtype=np.int64)
 
@@ -341,9 +340,16 @@ class IncrementalSegmentationDataModule(pl.LightningDataModule):
             raise ValueError(f"step {self.step} has {len(sources[0])} training images, fewer than one per "
                              f"process and accumulated batch ({world} x {accumulation})")
         if len(sources) == 1:
-            return batch, EpochTrainingSampler(len(sources[0]), batch, self.seed, rank, world, accumulation=accumulation)
+            # A few-shot step's epoch is 20 // nshot passes over its shots, as PIFS's run.py loops
+            passes = fewshot.MAX_SHOTS // self.fewshot["nshot"] if self.fewshot and self.step > 0 else 1
+            return batch, EpochTrainingSampler(len(sources[0]), batch, self.seed, rank, world, accumulation=accumulation,
+                                               passes=passes)
         return batch, InterleavedTrainingSampler([len(d) for d in sources], batch, self.seed, rank, world,
                                                  accumulation=accumulation)
+
+    def per_process_batch(self, world: int, accumulation: int = 1) -> int:
+        """Training images per process and batch (fewer than batch_size when the step has fewer)."""
+        return self._training_sampler(0, world, accumulation)[0]
 
     def updates_per_epoch(self, world: int, accumulation: int = 1) -> int:
         """Optimizer updates in one training epoch with `world` processes (the same on every rank)."""

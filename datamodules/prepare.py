@@ -22,7 +22,9 @@ from rich.console import Console
 
 from datamodules import datasets
 from datamodules.datasets import ade20k, coco, voc
-from datamodules.download import OFFICIAL_ARCHIVES, Archive, ChecksumError, DownloadError, UnverifiedArchiveError, fetch
+from datamodules import fewshot
+from datamodules.download import (OFFICIAL_ARCHIVES, OFFICIAL_FILES, Archive, ChecksumError, DownloadError,
+                                   UnverifiedArchiveError, fetch, fetch_file)
 from datamodules.presence import dataset_presence
 from datamodules.tasks import NUM_FOREGROUND
 
@@ -36,9 +38,10 @@ def _build_presence(dataset: str, data_root: Path, options: dict) -> None:
 
 
 def prepare_voc(data_root: Path, *, downloads: Path | None = None, archives: dict[str, Archive] = OFFICIAL_ARCHIVES,
-                options: dict | None = None, progress: bool = True) -> dict:
+                options: dict | None = None, progress: bool = True, files: dict[str, Archive] = OFFICIAL_FILES) -> dict:
     """VOCtrainval_11-May-2012 + SBD -> <root>/VOCdevkit/VOC2012 with SegmentationClassAug and
-    train_aug.txt (10,582) / val.txt (1,449), checked. `options` as data.options of an experiment
+    train_aug.txt (10,582) / val.txt (1,449), checked; and PIFS's official few-shot lists into
+    <root>/fss/voc. `options` as data.options of an experiment
     (tests pass tiny expected_counts)."""
     data_root = Path(data_root)
     downloads = Path(downloads or data_root / "downloads")
@@ -47,6 +50,8 @@ def prepare_voc(data_root: Path, *, downloads: Path | None = None, archives: dic
     voc_root = data_root / "VOCdevkit" / "VOC2012"
     counts = voc.prepare_voc_aug(voc_root, data_root / "benchmark_RELEASE", progress=progress)
     _build_presence("voc", data_root, options or {})
+    for file in files.values():   # PIFS's official per-class lists (data.fewshot.class_lists=official)
+        fetch_file(file, fewshot.official_directory(data_root), progress=progress)
     return counts
 
 

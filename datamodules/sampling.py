@@ -40,14 +40,21 @@ class EpochTrainingSampler(Sampler):
     takes positions [r*B, (r+1)*B) of each. Only whole optimizer updates are kept (as drop_last
     does): with gradient accumulation over A batches, the epoch ends at a multiple of A, so one
     process accumulating 2 batches of B and two processes with one batch of B each make the same
-    updates from the same images. Lightning calls set_epoch at the start of every epoch."""
+    updates from the same images. Lightning calls set_epoch at the start of every epoch.
+
+    passes > 1: an epoch is that many passes over the items, pass p of epoch e permuted (and
+    augmented) as pass number e * passes + p, as PIFS's loop repeats its loader 20 // nshot times
+    per epoch with `set_epoch(epoch * n_iter + iteration)`."""
 
     def __init__(self, num_items: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True, accumulation: int = 1):
+                 shuffle: bool = True, accumulation: int = 1, passes: int = 1):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
+        if passes < 1:
+            raise ValueError(f"an epoch needs at least one pass, not {passes}")
         self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
         self.rank, self.world_size, self.shuffle, self.accumulation = rank, world_size, shuffle, accumulation
+        self.passes = passes
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -56,18 +63,21 @@ class EpochTrainingSampler(Sampler):
     @property
     def num_batches(self) -> int:
         updates = self.num_items // (self.batch_size * self.world_size * self.accumulation)
-        return updates * self.accumulation
+        return updates * self.accumulation * self.passes
 
     def __len__(self) -> int:
         return self.num_batches * self.batch_size
 
     def __iter__(self):
-        order = epoch_permutation(self.num_items, self.seed, self.epoch) if self.shuffle else np.arange(self.num_items)
         global_batch = self.batch_size * self.world_size
-        for b in range(self.num_batches):
-            start = b * global_batch + self.rank * self.batch_size
-            for index in order[start: start + self.batch_size]:
-                yield self.epoch, int(index)
+        per_pass = self.num_batches // self.passes
+        for p in range(self.passes):
+            pass_number = self.epoch * self.passes + p if self.passes > 1 else self.epoch
+            order = epoch_permutation(self.num_items, self.seed, pass_number) if self.shuffle else np.arange(self.num_items)
+            for b in range(per_pass):
+                start = b * global_batch + self.rank * self.batch_size
+                for index in order[start: start + self.batch_size]:
+                    yield pass_number, int(index)
 
 
 class InterleavedTrainingSampler(EpochTrainingSampler):

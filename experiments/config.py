@@ -60,9 +60,12 @@ class Section(BaseModel):
 class FewShotConfig(Section):
     """The incremental few-shot protocol of PIFS (datamodules/fewshot.py): the base step on every
     image without a non-base class, each later step on `nshot` images per novel class, draw
-    `ishot` (images ishot*20 ... of the class's list, in file order)."""
+    `ishot` (images ishot*20 ... of the class's list)."""
     nshot: Annotated[int, Field(ge=1, le=20)] = 5
     ishot: NonNegativeInt = 0
+    # Each class's image list: in the training list's order, or the official VOC lists (the official
+    # draws; `make data DATASET=voc` fetches them)
+    class_lists: Literal["file_order", "official"] = "file_order"
 
 
 class DataConfig(Section):
@@ -167,9 +170,13 @@ class StepSchedule(Section):
 class IncrementalSchedule(StepSchedule):
     """A step t >= 1's schedule. `iterations`, when set, gives its length in optimizer updates, as
     PIFS's scripts do (1,000 on VOC): the step trains max(1, iterations // updates per epoch) epochs
-    (the official run.py's rule), and `epochs` is not used. The official loop repeats one shuffled
-    loader 20 // nshot times per epoch; here every epoch is reshuffled: the same updates, another order."""
+    (the official run.py's rule), and `epochs` is not used. A few-shot step's epoch is 20 // nshot
+    passes over its shots, each reshuffled, as the official loop.
+    `batch_size`, when set, is the per-process batch of the steps >= 1 (PIFS's scripts: 24 at the
+    base step, 10 after); `lr` is then the lr at that batch (linear scaling only with processes and
+    accumulation)."""
     iterations: PositiveInt | None = None
+    batch_size: PositiveInt | None = None
 
 
 class ScheduleConfig(Section):
@@ -379,18 +386,14 @@ def _run_config(experiment: Experiment, method_name: str) -> RunConfig:
 
 
 def _check_fewshot(data) -> None:
-    """What the few-shot steps cannot do yet, in one line at load rather than mid-run."""
+    """What the few-shot steps cannot do, in one line at load rather than mid-run."""
     if data.fewshot is None:
         return
     if data.validation_fraction:
         raise ConfigError("data.fewshot: a few-shot step has no images to hold out; set data.validation_fraction=0")
-    from datamodules.tasks import task_classes
-
-    smallest = min(len(step) for step in task_classes(data.dataset, data.task)[1:]) if data.task else 0
-    if data.fewshot.nshot * smallest < 2:
-        raise ConfigError("data.fewshot: a step of one class with nshot=1 trains on batches of one image, whose "
-                          "image-pooling branch normalises a single value; the official scripts drop that branch "
-                          "(--no_pooling), the suite's DeepLab cannot yet: use nshot >= 2 or a step of several classes")
+    if data.fewshot.class_lists == "official" and data.dataset != "voc":
+        raise ConfigError(f"data.fewshot.class_lists=official: the official lists are VOC's; {data.dataset} draws "
+                          "from its own lists (file_order)")
 
 
 # --- precision ---------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from rich.markup import escape
 
 from datamodules import datasets
 from datamodules.incremental import UnreadableSample
-from datamodules.tasks import NUM_FOREGROUND, task_classes
+from datamodules.tasks import NUM_FOREGROUND, class_span, task_classes
 from datamodules.validate import check_dataset
 from experiments import reporting, step0_cache
 from experiments.config import ConfigError, Experiment, apply_overrides, load_experiment, resolve
@@ -48,7 +48,8 @@ def learn_task(config, method, steps, store: RunStore, logger, names, progress=N
     for step in range(store.next_step, len(steps)):
         started = time.time()
         examples = store.directory / EXAMPLES_FILE if step == len(steps) - 1 else None
-        console.print(f"[bold]{config.method}[/]: step {step} (classes {steps[step][0]}-{steps[step][-1]})")
+        span = class_span(steps[step])   # "16-20", or "15 classes" when not contiguous (a few-shot base step)
+        console.print(f"[bold]{config.method}[/]: step {step} ({span if 'classes' in span else 'classes ' + span})")
         # Everything random of a step (new classifier weights, data order) from (seed, step), not
         # from what this process ran before: a run resumed between steps continues exactly.
         pl.seed_everything(config.seed + step, verbose=False)

@@ -45,9 +45,11 @@ def identity(config) -> dict:
     values = config.to_dict()
     kept = {k: v for k, v in values.items() if k not in NOT_IN_CONFIG_ID}
     kept["data"] = {k: v for k, v in values["data"].items() if k not in NOT_IN_CONFIG_ID_DATA}
-    if values["schedule"]["incremental"].get("iterations") is None:   # likewise for a step length in iterations
+    # Likewise for a step length in iterations and a batch of the steps >= 1's own, when unset.
+    unset = [k for k in ("iterations", "batch_size") if values["schedule"]["incremental"].get(k) is None]
+    if unset:
         kept["schedule"] = {**values["schedule"], "incremental": {k: v for k, v in values["schedule"]["incremental"].items()
-                                                                  if k != "iterations"}}
+                                                                  if k not in unset}}
     if kept["data"].get("fewshot") is None:   # absent from the ids of runs without few-shot steps, as before it existed
         kept["data"].pop("fewshot", None)
     if config.data.dataset != "synthetic":

@@ -23,17 +23,26 @@ from lightning_modules.module import IncrementalSegmentationModule
 
 
 # --- the numbers every step derives from the configuration -------------------------------------
-def effective_batch(config) -> int:
+def step_batch(config, step: int = 0) -> int:
+    """The per-process batch of `step`: data.batch_size, or schedule.incremental.batch_size at the
+    steps >= 1 when it is set."""
+    own = config.schedule.incremental.batch_size
+    return own if step > 0 and own else config.data.batch_size
+
+
+def effective_batch(config, step: int = 0) -> int:
     """Images per optimizer update: processes x per-process batch x gradient accumulation."""
-    return world_size(config.trainer) * config.data.batch_size * config.trainer.accumulate_grad_batches
+    return world_size(config.trainer) * step_batch(config, step) * config.trainer.accumulate_grad_batches
 
 
-def lr_scale(config) -> float:
+def lr_scale(config, step: int = 0) -> float:
     """Linear scaling of every lr from the reference batch (PROTOCOL.md §6), unless
-    optimizer.scale_lr is false."""
+    optimizer.scale_lr is false. A step batch of the steps >= 1's own is its own reference."""
     optimizer = config.optimizer
     reference = optimizer.reference_batch or config.data.batch_size
-    return effective_batch(config) / reference if optimizer.scale_lr else 1.0
+    if step > 0 and config.schedule.incremental.batch_size:
+        reference = config.schedule.incremental.batch_size
+    return effective_batch(config, step) / reference if optimizer.scale_lr else 1.0
 
 
 def step_schedule(config, step: int):
@@ -53,7 +62,7 @@ def build_datamodule(config, method, steps, step: int) -> IncrementalSegmentatio
     return IncrementalSegmentationDataModule(
         dataset=data.dataset, data_root=data.root, task=steps, mode=data.mode, step=step,
         supervision=method.supervision, training_images=method.training_images, old_labels=method.old_labels,
-        batch_size=data.batch_size, test_batch_size=data.test_batch_size, crop_size=data.crop_size,
+        batch_size=step_batch(config, step), test_batch_size=data.test_batch_size, crop_size=data.crop_size,
         train_scale=data.train_scale, eval_mode=data.eval_mode, test_images=data.test_images,
         void_as_background=data.void_as_background, future_classes_in_test=data.future_classes_in_test,
         size_divisor=config.network.stride, num_workers=loader_workers(data.num_workers),
@@ -66,7 +75,7 @@ def build_module(config, method, steps, step: int, network, class_names: dict[in
     schedule = step_schedule(config, step)
     names = class_names or {}
     return IncrementalSegmentationModule(
-        network, method, steps, step, lr=schedule.lr, lr_scale=lr_scale(config),
+        network, method, steps, step, lr=schedule.lr, lr_scale=lr_scale(config, step),
         optimizer=config.optimizer.algorithm, momentum=config.optimizer.momentum, nesterov=config.optimizer.nesterov,
         weight_decay=config.optimizer.weight_decay, poly_power=config.optimizer.poly_power,
         class_names=[names.get(c, str(c)) for c in channel_order(steps, step)],
@@ -129,6 +138,11 @@ def build_step(config, method, steps, step: int, network, old_network=None, clas
     if step > 0:
         context.stage_directory = run_stage_once(method, context, config.cache_dir)
         datamodule.set_training_sources(method.training_data(context, datamodule.training_sources))
+    if step > 0 and datamodule.per_process_batch(world_size(config.trainer), config.trainer.accumulate_grad_batches) == 1 \
+            and hasattr(network, "freeze_image_pooling_statistics"):
+        # A one-image batch (one shot of a one-class few-shot step): the image-pooling branch's 1x1 map
+        # has no batch statistics, so it normalises by its running ones (the official --no_pooling).
+        network.freeze_image_pooling_statistics()
     module = build_module(config, method, steps, step, network, class_names)
     epochs = None
     if step > 0:   # a method's own step length (step 0's belongs to the cached model's key: the schedule's)

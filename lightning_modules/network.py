@@ -12,6 +12,7 @@ A method never reaches into the network. What it may ask for:
   add_classes(n)             a new 1x1 classifier head for the next step's n classes
   init_new_classes_from_background()   MiB's initialisation of the newest head
   use_cosine_classifier()    PIFS's cosine classifier in place of the linear one (imprint_newest)
+  freeze_image_pooling_statistics()   the official --no_pooling, for batches of one image
   parameter_groups()         {"encoder", "decoder", "classifier"}: lists of parameters
   feature_channels           channels of the "encoder" output; output_stride
   frozen_copy()              the old model of the next step: a detached, frozen, eval-mode copy
@@ -164,6 +165,24 @@ class BatchRenorm2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, running statistics frozen"
+
+
+class RunningStatisticsNorm(nn.Module):
+    """A batch norm (or BatchRenorm2d) that normalises by its running statistics in training too,
+    its affine parameters still trained: what the official `--no_pooling` does to DeepLab's
+    image-pooling branch (`global_pooling_bn.eval()`), whose 1x1 map holds one value per channel
+    and image, so that a batch of one image has no batch statistics."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.num_features, self.eps = norm.num_features, norm.eps
+        self.weight, self.bias = norm.weight, norm.bias
+        self.register_buffer("running_mean", norm.running_mean)
+        self.register_buffer("running_var", norm.running_var)
+        self.register_buffer("num_batches_tracked", norm.num_batches_tracked)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
 
 
 def use_batch_renormalisation(module: nn.Module) -> int:
@@ -342,6 +361,20 @@ class SegmentationNetwork(nn.Module):
             raise ValueError(f"the cosine classifier is built on DeepLabV3 (PIFS's head), not {self.settings['arch']!r}")
         self.decoder.relu = nn.Identity()
         self.classifier = CosineClassifier(self.classifier.in_channels, self.classes_per_step, scale)
+
+    def freeze_image_pooling_statistics(self) -> bool:
+        """The image-pooling branch's norm layer normalises by its running statistics from now on
+        (RunningStatisticsNorm; the official --no_pooling), for steps trained on batches of one
+        image. False when the decoder has no such branch."""
+        from segmentation_models_pytorch.decoders.deeplabv3.decoder import ASPPPooling
+
+        for branch in self.decoder.modules():
+            if isinstance(branch, ASPPPooling):
+                for index, layer in enumerate(branch):
+                    if isinstance(layer, (nn.BatchNorm2d, BatchRenorm2d)):
+                        branch[index] = RunningStatisticsNorm(layer)
+                        return True
+        return False
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"encoder": list(self.encoder.parameters()), "decoder": list(self.decoder.parameters()),

@@ -2,6 +2,7 @@
 fcdl94/FSS, on hand-made arrays and a generated file list."""
 import numpy as np
 import pytest
+import torch
 
 from datamodules import fewshot
 from datamodules.tasks import task_classes
@@ -128,12 +129,9 @@ def test_the_fewshot_option_is_checked_and_keys_its_runs_and_base_model(tiny_con
     assert step0_cache.model_path(other_draw.run_config("ft"), method, steps) == keys[0]   # one base model for every draw
 
 
-def test_what_the_fewshot_steps_cannot_do_yet_is_one_line_at_load(tiny_config):
+def test_what_the_fewshot_steps_cannot_do_is_one_line_at_load(tiny_config):
     from experiments.config import ConfigError, apply_overrides, resolve
 
-    with pytest.raises(ConfigError, match="nshot >= 2 or a step of several classes"):
-        resolve(apply_overrides(tiny_config, ["data.task=fss-5-0m", "data.fewshot={nshot: 1}"])).run_config("ft")
-    resolve(apply_overrides(tiny_config, ["data.task=fss-5-0m", "data.fewshot={nshot: 2}"])).run_config("ft")
     with pytest.raises(ConfigError, match="no images to hold out"):
         resolve(apply_overrides(tiny_config, ["data.task=fss-5-0", "data.fewshot={nshot: 5}",
                                               "data.validation_fraction=0.1"])).run_config("ft")
@@ -141,13 +139,65 @@ def test_what_the_fewshot_steps_cannot_do_yet_is_one_line_at_load(tiny_config):
 
 def test_a_step_given_in_iterations_trains_iterations_over_updates_per_epoch_epochs(tiny_config):
     """schedule.incremental.iterations (PIFS's scripts): epochs = max(1, iterations // updates per
-    epoch), as the official run.py; here 5 shots (1 per novel class) in batches of 4 = 1 update per
-    epoch, so 3 iterations are 3 epochs of one update."""
+    epoch), as the official run.py, where a few-shot epoch is 20 // nshot passes over the shots:
+    here 5 shots (1 per novel class) in batches of 4 = 1 update per pass, 20 per epoch, so 40
+    iterations are 2 epochs of 20 updates."""
     from experiments import run
     from experiments.config import apply_overrides, resolve
 
     config = resolve(apply_overrides(tiny_config, ["data.task=fss-5-0", "data.fewshot={nshot: 1, ishot: 0}",
                                                    "data.test_images=all", "methods=[ft]",
-                                                   "schedule.incremental={epochs: 1, lr: 0.001, iterations: 3}"]))
+                                                   "schedule.incremental={epochs: 1, lr: 0.001, iterations: 40}"]))
     step1 = run.run_experiment(config)["ft"]["steps"][1]
-    assert (step1["train_images"], step1["epochs"], step1["optimizer_updates"]) == (5, 3, 3)
+    assert (step1["train_images"], step1["epochs"], step1["optimizer_updates"]) == (5, 2, 40)
+
+
+def test_an_epoch_of_several_passes_is_the_passes_one_after_the_other():
+    """EpochTrainingSampler(passes=k): epoch e is the one-pass epochs e*k ... e*k + k - 1 in a row
+    (each its own permutation and augmentation), for every rank."""
+    from datamodules.sampling import EpochTrainingSampler
+
+    for rank in (0, 1):
+        repeated = EpochTrainingSampler(7, 2, seed=3, rank=rank, world_size=2, passes=3)
+        single = EpochTrainingSampler(7, 2, seed=3, rank=rank, world_size=2)
+        repeated.set_epoch(2)
+        expected = []
+        for number in (6, 7, 8):
+            single.set_epoch(number)
+            expected += list(single)
+        assert list(repeated) == expected and len(repeated) == len(expected) == 3 * 2
+        assert repeated.num_batches == 3 * single.num_batches
+
+
+def test_a_one_shot_step_of_one_class_trains_on_single_images_with_the_pooling_norm_on_running_statistics(tiny_config):
+    """Fold 5-0m with one shot: each step trains on one image, so batches of one. The image-pooling
+    branch's norm then normalises by its running statistics (the official --no_pooling), which a
+    batch of one leaves untouched, while its affine parameters still train."""
+    from experiments.config import apply_overrides, resolve
+    from experiments.training import build_step, fit_and_test
+    from lightning_modules.methods import build_method
+    from lightning_modules.network import RunningStatisticsNorm
+    from tests.conftest import start_step
+
+    config = resolve(apply_overrides(tiny_config, ["data.task=fss-5-0m", "data.fewshot={nshot: 1, ishot: 0}",
+                                                   "data.test_images=all", "methods=[ft]",
+                                                   "schedule.incremental={epochs: 1, lr: 0.1, iterations: 40}"])).run_config("ft")
+    method = build_method("ft")
+    steps = task_classes("synthetic", "fss-5-0m")
+    network = method.build_network(config.network, [len(steps[0])], pretrained=False)
+    start_step(network, method, 1)
+    built = build_step(config, method, steps, 1, network)
+    norms = [m for m in network.decoder.modules() if isinstance(m, RunningStatisticsNorm)]
+    assert len(norms) == 1 and built.datamodule.per_process_batch(1) == 1
+    mean, var, weight = norms[0].running_mean.clone(), norms[0].running_var.clone(), norms[0].weight.detach().clone()
+    record = fit_and_test(config, built, logger=None)
+    assert (record["train_images"], record["epochs"], record["optimizer_updates"]) == (1, 2, 40)   # 20 passes an epoch
+    assert torch.equal(norms[0].running_mean, mean) and torch.equal(norms[0].running_var, var)
+    assert not torch.equal(norms[0].weight.detach(), weight)
+    # A step of several shots keeps every batch norm as it is.
+    several = resolve(apply_overrides(tiny_config, ["data.task=fss-5-0m", "data.fewshot={nshot: 2, ishot: 0}",
+                                                    "data.test_images=all", "methods=[ft]"])).run_config("ft")
+    other = method.build_network(several.network, [len(steps[0])], pretrained=False)
+    start_step(other, method, 1)
+    build_step(several, method, steps, 1, other)
+    assert not any(isinstance(m, RunningStatisticsNorm) for m in other.modules())

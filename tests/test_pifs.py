@@ -247,7 +247,7 @@ def test_pifs_starts_from_the_imprinted_teacher_with_renormalised_frozen_statist
     built = build_step(config, method, steps, 1, network, old)
     expected = _independent_prototypes(copy.deepcopy(network), built.datamodule)
     record = fit_and_test(config, built, logger=None)
-    assert record["optimizer_updates"] == 2
+    assert record["optimizer_updates"] == 20   # one epoch: 10 passes (20 // nshot) of 2 batches
     teacher = built.module.old_network
     assert teacher.classes_per_step == [16, 5]
     assert np.allclose(teacher.classifier.heads[1].weight[:, :, 0, 0].double().numpy(), expected, atol=1e-5)

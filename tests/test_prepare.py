@@ -49,17 +49,42 @@ def voc_archives(server, tmp_path):  # noqa: F811
     return archives, fake
 
 
-def test_make_data_voc_downloads_verifies_converts_and_checks(voc_archives, server, tmp_path):  # noqa: F811
+def official_fewshot_files(server, monkeypatch, train_aug: list[str], fake) -> dict[int, list[str]]:  # noqa: F811
+    """PIFS's two official split files for the fake VOC, served locally and pinned in place of the
+    real ones: train_ids.npy in reverse file order, and per-class lists (indices into it) in an
+    order of their own. Returns each class's image ids in that official order."""
+    import pickle
+
+    from datamodules import download
+
+    official_ids = np.array(train_aug[::-1])
+    lists = {c: [i for i in range(len(official_ids)) if c in fake.classes[official_ids[i]]] for c in range(21)}
+    lists = {c: v[1::2] + v[0::2] for c, v in lists.items()}   # odd positions first: in no file order
+    payloads = {"fss_voc_train_ids": io.BytesIO(), "fss_voc_class_lists": pickle.dumps({c: np.array(v) for c, v in lists.items()})}
+    np.save(payloads["fss_voc_train_ids"], official_ids)
+    payloads["fss_voc_train_ids"] = payloads["fss_voc_train_ids"].getvalue()
+    for key, data in payloads.items():
+        name = download.OFFICIAL_FILES[key].name
+        server.state.files[f"/{name}"] = data
+        monkeypatch.setitem(download.OFFICIAL_FILES, key, Archive(name=name, url=server.url(name), source="test",
+                                                                  checksum=hashlib.sha256(data).hexdigest(),
+                                                                  algorithm="sha256"))
+    return {c: [str(official_ids[i]) for i in v] for c, v in lists.items()}
+
+
+def test_make_data_voc_downloads_verifies_converts_and_checks(voc_archives, server, tmp_path, monkeypatch):  # noqa: F811
     archives, fake = voc_archives
     train_aug = sorted((set(fake.sbd_train) | set(fake.sbd_val) | set(fake.voc_train)) - set(fake.voc_val)
                        - fake.without_voc_image)
+    official = official_fewshot_files(server, monkeypatch, train_aug, fake)
     options = {"expected_counts": {"train_aug": len(train_aug), "val": len(fake.voc_val)}}
     root = tmp_path / "data"
     prepare.prepare_voc(root, archives=archives, options=options, progress=False)
     voc_root = root / "VOCdevkit" / "VOC2012"
     assert (voc_root / "ImageSets" / "Segmentation" / "train_aug.txt").read_text().split() == train_aug
     assert list((voc_root / ".presence").glob("train-*.npz")) and list((voc_root / ".presence").glob("test-*.npz"))
-    assert {path for path, _ in server.state.requests} == {"/VOCtrainval_11-May-2012.tar", "/benchmark.tgz"}
+    assert {path for path, _ in server.state.requests} == {"/VOCtrainval_11-May-2012.tar", "/benchmark.tgz",
+                                                           "/train_ids.npy", "/inverse_dict_train.pkl"}
     # A second run needs no network and changes nothing.
     server.state.requests.clear()
     prepare.prepare_voc(root, archives=archives, options=options, progress=False)
@@ -70,6 +95,21 @@ def test_make_data_voc_downloads_verifies_converts_and_checks(voc_archives, serv
     module.setup()
     expected = [i for i, image_id in enumerate(train_aug) if fake.classes[image_id] & set(range(1, 11))]
     assert module.train_indices.tolist() == expected
+    # The few-shot draws from the official lists: image ishot*20 + k of each novel class's official
+    # list (here ishot 0, 2 shots), not the first images in file order.
+    draws = {}
+    for class_lists in ("official", "file_order"):
+        shots = IncrementalSegmentationDataModule(dataset="voc", data_root=root, task="fss-5-0", mode="disjoint", step=1,
+                                                  crop_size=32, num_workers=0, dataset_options=options,
+                                                  fewshot={"nshot": 2, "ishot": 0, "class_lists": class_lists})
+        shots.setup()
+        drawn = draws[class_lists] = [train_aug[row] for row in shots.train_indices]
+        if class_lists == "official":
+            assert drawn == [image_id for c in range(1, 6) for image_id in official[c][:2]]
+        else:
+            assert drawn == [image_id for c in range(1, 6) for image_id in
+                             [i for i in train_aug if c in fake.classes[i]][:2]]
+    assert draws["official"] != draws["file_order"]
 
 
 def test_make_data_refuses_a_corrupt_archive_and_extracts_nothing(voc_archives, tmp_path, capsys):
