@@ -17,7 +17,7 @@ SHELL := /bin/bash
 # pip prints one harmless line per package missing from the machine's local indexes.
 PIP_NOISE := grep -v "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: setup run table dashboard data compare sweep sweep-setup bench test test-slow test-all clean-runs
+.PHONY: setup run table fewshot dashboard data compare sweep sweep-setup bench test test-slow test-all clean-runs
 
 setup: $(STAMP)
 
@@ -37,6 +37,11 @@ run: setup
 # on the embedded dataset by default, DATASET=voc on Pascal VOC with the paper settings and numbers.
 table: setup
 	$(PY) -m experiments.table $(if $(filter command line environment,$(origin DATASET)),--dataset $(DATASET)) $(ARGS)
+
+# PIFS's few-shot benchmark on one fold (1, 2 and 5 shots), resumable: the embedded synthetic_5_0_fewshot
+# by default, EXP=voc_fss_5_0 (or another iFSS file) otherwise.
+fewshot: setup
+	$(PY) -m experiments.fewshot_table $(if $(filter command line environment,$(origin EXP)),$(EXP)) $(ARGS)
 
 # Seed-averaged paper-style table: of EXP when given, else of every experiment under runs/.
 compare: setup
