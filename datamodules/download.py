@@ -87,21 +87,29 @@ OFFICIAL_ARCHIVES: dict[str, Archive] = {
 }
 
 
-# Single files, no archive: PIFS's official VOC split files (fcdl94/FSS, MIT), pinned to the commit the
-# suite was checked against, so that few-shot draws can take the official per-class image lists
-# (datamodules/fewshot.py, data.fewshot.class_lists=official). The sha256 is that of the files at the
-# pinned commit (git blobs read from a snapshot of the repository).
+# Single files, no archive: PIFS's official split files (fcdl94/FSS, MIT), pinned to the commit the suite
+# was checked against, so that few-shot draws can take the official per-class image lists
+# (datamodules/fewshot.py, data.fewshot.class_lists=official): for each dataset the official training
+# list and, per class, indices into it. The sha256 is that of the files at the pinned commit (git
+# blobs read from a snapshot of the repository).
 FSS_COMMIT = "6910c6864761526a35ba0cb0e1bcabed01ce86dc"
-_FSS_RAW = f"https://raw.githubusercontent.com/fcdl94/FSS/{FSS_COMMIT}/data/voc/split"
+_FSS_RAW = f"https://raw.githubusercontent.com/fcdl94/FSS/{FSS_COMMIT}/data"
+
+
+def _fss_file(path: str, sha256: str, size: int) -> Archive:
+    return Archive(name=path.rsplit("/", 1)[1], url=f"{_FSS_RAW}/{path}", checksum=sha256, algorithm="sha256",
+                   source=f"fcdl94/FSS@{FSS_COMMIT[:7]} data/{path} ({size:,} bytes)")
+
+
 OFFICIAL_FILES: dict[str, Archive] = {
-    "fss_voc_train_ids": Archive(
-        name="train_ids.npy", url=f"{_FSS_RAW}/train_ids.npy",
-        checksum="04436d1b28cfa2cd5c7b2ae8f6e730b842ae55b936e01664424a9a37008e2ece", algorithm="sha256",
-        source=f"fcdl94/FSS@{FSS_COMMIT[:7]} data/voc/split/train_ids.npy (465,736 bytes)"),
-    "fss_voc_class_lists": Archive(
-        name="inverse_dict_train.pkl", url=f"{_FSS_RAW}/inverse_dict_train.pkl",
-        checksum="5be33debff39214bb26ff4eb01c846efc0038f204dd14ad4763fee26d189b969", algorithm="sha256",
-        source=f"fcdl94/FSS@{FSS_COMMIT[:7]} data/voc/split/inverse_dict_train.pkl (210,070 bytes)"),
+    "fss_voc_train_ids": _fss_file("voc/split/train_ids.npy",
+                                   "04436d1b28cfa2cd5c7b2ae8f6e730b842ae55b936e01664424a9a37008e2ece", 465_736),
+    "fss_voc_class_lists": _fss_file("voc/split/inverse_dict_train.pkl",
+                                     "5be33debff39214bb26ff4eb01c846efc0038f204dd14ad4763fee26d189b969", 210_070),
+    "fss_coco_train_ids": _fss_file("coco/split/train.txt",
+                                    "566a2f9fd829f2a5ee0fbeb566dca3d869dbee20f4d0525822e5abee7a6311e2", 1_537_731),
+    "fss_coco_class_lists": _fss_file("coco/split/inverse_dict_train_coco.pkl",
+                                      "a6ef87e6328c069ad64d2c539b0f42ae6e3812eabda64322c82cac04f90a8d8d", 1_304_076),
 }
 
 

@@ -17,10 +17,11 @@ Images (the official `FSSDataset`):
   test          every test image; classes not yet seen are ignored (255)
 
 A class's image list (data.fewshot.class_lists): "file_order", the images containing the class in
-the order of the training list (`class_image_lists`: the embedded dataset, and VOC by default), or
-"official", the official VOC lists (`inverse_dict_train.pkl` of fcdl94/FSS, which are not in index
-order: `official_class_lists` maps them onto the suite's file list), which `make data DATASET=voc`
-fetches, so that the draws are the official images.
+the order of the training list (`class_image_lists`: the embedded dataset, and VOC / COCO by
+default), or "official", the official lists of VOC or COCO (fcdl94/FSS `inverse_dict_train*.pkl`,
+indices into the official training list, whose order is not the suite's: `official_class_lists`
+maps them onto the suite's file list), which `make data DATASET=voc|coco` fetches, so that the
+draws are the official images.
 """
 from __future__ import annotations
 
@@ -87,28 +88,47 @@ def official_class_lists(official: dict, official_ids, file_ids) -> dict[int, li
     return {int(c): [rows[int(i)] for i in indices] for c, indices in official.items() if int(c) != 0}
 
 
-def official_directory(data_root) -> Path:
-    """Where `make data DATASET=voc` puts the official few-shot split files."""
-    return Path(data_root) / "fss" / "voc"
+OFFICIAL_LISTS = {"voc": ("fss_voc_train_ids", "fss_voc_class_lists"),
+                  "coco": ("fss_coco_train_ids", "fss_coco_class_lists")}
 
 
-def load_official_class_lists(data_root, file_ids) -> dict[int, list[int]]:
-    """The official VOC per-class lists as rows of `file_ids` (official_class_lists), from the
-    files `make data DATASET=voc` fetched, checked against their pinned sha256 before they are
+def official_directory(dataset: str, data_root) -> Path:
+    """Where `make data DATASET=voc|coco` puts the official few-shot split files of `dataset`."""
+    return Path(data_root) / "fss" / dataset
+
+
+def fetch_official_lists(dataset: str, data_root, files=None, progress: bool = False) -> list[Path]:
+    """Download (unless a verified copy is there) the official split files of `dataset`."""
+    from datamodules.download import OFFICIAL_FILES, fetch_file
+
+    files = OFFICIAL_FILES if files is None else files
+    return [fetch_file(files[key], official_directory(dataset, data_root), progress=progress)
+            for key in OFFICIAL_LISTS[dataset]]
+
+
+def load_official_class_lists(dataset: str, data_root, file_ids) -> dict[int, list[int]]:
+    """The official per-class lists of `dataset` ("voc": train_ids.npy + inverse_dict_train.pkl;
+    "coco": train.txt + inverse_dict_train_coco.pkl) as rows of `file_ids` (official_class_lists),
+    from the files `make data` fetched, checked against their pinned sha256 before they are
     unpickled; one-line errors when they are missing or differ."""
     from datamodules.datasets.errors import DatasetMissing
     from datamodules.download import OFFICIAL_FILES, verify
 
-    directory = official_directory(data_root)
-    paths = {key: directory / file.name for key, file in OFFICIAL_FILES.items()}
+    if dataset not in OFFICIAL_LISTS:
+        raise ValueError(f"the official few-shot lists are {' and '.join(OFFICIAL_LISTS)}'s, not {dataset}'s")
+    ids_key, lists_key = OFFICIAL_LISTS[dataset]
+    directory = official_directory(dataset, data_root)
+    paths = {key: directory / OFFICIAL_FILES[key].name for key in (ids_key, lists_key)}
     missing = [str(path) for path in paths.values() if not path.exists()]
     if missing:
         raise DatasetMissing(f"data.fewshot.class_lists=official needs PIFS's official split files ({missing[0]} is "
-                             "missing): make data DATASET=voc fetches them")
+                             f"missing): make data DATASET={dataset} fetches them")
     for key, path in paths.items():
         verify(path, OFFICIAL_FILES[key])
-    official_ids = np.load(paths["fss_voc_train_ids"], allow_pickle=False)
-    with open(paths["fss_voc_class_lists"], "rb") as handle:
+    ids_path = paths[ids_key]
+    official_ids = (np.load(ids_path, allow_pickle=False) if ids_path.suffix == ".npy"
+                    else ids_path.read_text().split())
+    with open(paths[lists_key], "rb") as handle:
         official = pickle.load(handle)   # verified above: the pinned official file
     return official_class_lists(official, official_ids, list(file_ids))
 

@@ -310,7 +310,7 @@ class IncrementalSegmentationDataModule(pl.LightningDataModule):
         if self.step == 0:
             return fewshot.base_step_rows(self.train_presence, self.steps[0])
         if self.fewshot.get("class_lists", "file_order") == "official":
-            lists = fewshot.load_official_class_lists(self.data_root, self.located.train.ids)
+            lists = fewshot.load_official_class_lists(self.dataset, self.data_root, self.located.train.ids)
         else:
             lists = fewshot.class_image_lists(self.train_presence)
         chosen = fewshot.shot_rows(lists, self.steps[self.step], self.fewshot["nshot"], self.fewshot["ishot"])

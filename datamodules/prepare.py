@@ -24,7 +24,7 @@ from datamodules import datasets
 from datamodules.datasets import ade20k, coco, voc
 from datamodules import fewshot
 from datamodules.download import (OFFICIAL_ARCHIVES, OFFICIAL_FILES, Archive, ChecksumError, DownloadError,
-                                   UnverifiedArchiveError, fetch, fetch_file)
+                                   UnverifiedArchiveError, fetch)
 from datamodules.presence import dataset_presence
 from datamodules.tasks import NUM_FOREGROUND
 
@@ -50,8 +50,7 @@ def prepare_voc(data_root: Path, *, downloads: Path | None = None, archives: dic
     voc_root = data_root / "VOCdevkit" / "VOC2012"
     counts = voc.prepare_voc_aug(voc_root, data_root / "benchmark_RELEASE", progress=progress)
     _build_presence("voc", data_root, options or {})
-    for file in files.values():   # PIFS's official per-class lists (data.fewshot.class_lists=official)
-        fetch_file(file, fewshot.official_directory(data_root), progress=progress)
+    fewshot.fetch_official_lists("voc", data_root, files, progress)   # PIFS's (data.fewshot.class_lists=official)
     return counts
 
 
@@ -67,9 +66,10 @@ def prepare_ade20k(data_root: Path, *, downloads: Path | None = None, archives: 
 
 
 def prepare_coco(data_root: Path, *, downloads: Path | None = None, archives: dict[str, Archive] = OFFICIAL_ARCHIVES,
-                 options: dict | None = None, progress: bool = True) -> dict:
+                 options: dict | None = None, progress: bool = True, files: dict[str, Archive] = OFFICIAL_FILES) -> dict:
     """COCO 2017 images + COCO-Stuff pixel maps -> COCO ids (PROTOCOL.md §1), and the prepared
-    VOC masks relabelled to COCO ids: WILSON's COCO-to-VOC setting. Needs `prepare_voc` first."""
+    VOC masks relabelled to COCO ids: WILSON's COCO-to-VOC setting, and COCO alone (PIFS's
+    COCO-20i, with its official few-shot lists into <root>/fss/coco). Needs `prepare_voc` first."""
     data_root = Path(data_root)
     downloads = Path(downloads or data_root / "downloads")
     options = options or {}
@@ -92,6 +92,8 @@ def prepare_coco(data_root: Path, *, downloads: Path | None = None, archives: di
     counts = coco.prepare_coco_voc(data_root, progress=progress)
     _build_presence("coco-voc", data_root, options)
     _build_presence("coco-voc", data_root, {**options, "test_set": "voc"})
+    _build_presence("coco", data_root, options)   # COCO's 80 categories alone (PIFS's COCO-20i folds)
+    fewshot.fetch_official_lists("coco", data_root, files, progress)
     return counts
 
 

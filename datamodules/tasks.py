@@ -12,7 +12,7 @@ from datamodules.fewshot import fewshot_tasks
 
 # Number of foreground classes (ids 1..K) of each dataset. The embedded synthetic dataset has
 # VOC's 20 classes so that every VOC task applies to it unchanged.
-NUM_FOREGROUND = {"voc": 20, "synthetic": 20, "ade": 150, "coco-voc": 91}
+NUM_FOREGROUND = {"voc": 20, "synthetic": 20, "ade": 150, "coco-voc": 91, "coco": 91}
 
 # COCO-to-VOC (WILSON): 91-id space in which these 11 ids never occur.
 COCO_UNUSED_IDS = (12, 26, 29, 30, 45, 66, 68, 69, 71, 83, 91)
@@ -51,8 +51,10 @@ _COCO_TASKS = {"voc": [[0] + _COCO_NON_VOC, list(COCO_VOC_CLASS_IDS)]}
 
 TASKS: dict[str, dict[str, list[list[int]]]] = {
     "voc": _VOC_TASKS, "synthetic": _VOC_TASKS, "ade": _ADE_TASKS, "coco-voc": _COCO_TASKS,
+    # COCO's 80 categories: PIFS's folds fss-20-0 .. fss-20-3 (and the four-step fss-20-<i>m)
+    "coco": fewshot_tasks("coco"),
 }
-ALIASES = {"voc": _VOC_ALIASES, "synthetic": _VOC_ALIASES, "ade": _ADE_ALIASES, "coco-voc": {}}
+ALIASES = {"voc": _VOC_ALIASES, "synthetic": _VOC_ALIASES, "ade": _ADE_ALIASES, "coco-voc": {}, "coco": {}}
 
 
 def task_classes(dataset: str, task: str | list[list[int]]) -> list[list[int]]:

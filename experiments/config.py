@@ -63,13 +63,13 @@ class FewShotConfig(Section):
     `ishot` (images ishot*20 ... of the class's list)."""
     nshot: Annotated[int, Field(ge=1, le=20)] = 5
     ishot: NonNegativeInt = 0
-    # Each class's image list: in the training list's order, or the official VOC lists (the official
-    # draws; `make data DATASET=voc` fetches them)
+    # Each class's image list: in the training list's order, or the official VOC / COCO lists (the
+    # official draws; `make data DATASET=voc|coco` fetches them)
     class_lists: Literal["file_order", "official"] = "file_order"
 
 
 class DataConfig(Section):
-    dataset: Literal["voc", "ade", "coco-voc", "synthetic"]
+    dataset: Literal["voc", "ade", "coco-voc", "coco", "synthetic"]
     root: str | None = None                        # null: $DATA_ROOT, else ./data
     task: str | list[list[int]]                    # "15-5", or a class order like [[0, 1, 2], [3]]
     mode: Literal["disjoint", "overlap"]
@@ -391,9 +391,9 @@ def _check_fewshot(data) -> None:
         return
     if data.validation_fraction:
         raise ConfigError("data.fewshot: a few-shot step has no images to hold out; set data.validation_fraction=0")
-    if data.fewshot.class_lists == "official" and data.dataset != "voc":
-        raise ConfigError(f"data.fewshot.class_lists=official: the official lists are VOC's; {data.dataset} draws "
-                          "from its own lists (file_order)")
+    if data.fewshot.class_lists == "official" and data.dataset not in ("voc", "coco"):
+        raise ConfigError(f"data.fewshot.class_lists=official: the official lists are VOC's and COCO's; "
+                          f"{data.dataset} draws from its own lists (file_order)")
 
 
 # --- precision ---------------------------------------------------------------------------------

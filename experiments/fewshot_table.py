@@ -22,16 +22,15 @@ import sys
 import time
 from pathlib import Path
 
-from rich.markup import escape
 from rich.table import Table
 
 from experiments.config import ConfigError, Experiment, apply_overrides, load_experiment, resolve
 from experiments.reporting.table import table_console
-from experiments.table import TableProgress, _duration, plan_units
+from experiments.table import TableProgress, _duration, plan_units, run_command
 
 DEFAULT_EXPERIMENT = "synthetic_5_0_fewshot"
 SHOTS = (1, 2, 5)
-DISPLAY_NAMES = {"pifs": "PIFS", "wi": "WI", "ft": "FT", "mib": "MiB", "lwf": "LwF", "ilt": "ILT"}
+DISPLAY_NAMES = {"pifs": "PIFS", "wi": "WI", "amp": "AMP", "ft": "FT", "mib": "MiB", "lwf": "LwF", "ilt": "ILT"}
 # PIFS's columns (the official StreamSegMetrics: base classes with background, novel, their harmonic mean)
 COLUMNS = (("base", "old_with_bg"), ("novel", "new_with_bg"), ("HM", "hiou_with_bg"))
 
@@ -76,6 +75,10 @@ def _cell(value) -> str:
     return "n/a" if value is None else f"{value:.1f}"
 
 
+def _time(seconds: float) -> str:
+    return "< 1 s" if seconds < 1 else _duration(seconds)   # imprinting only: WI, AMP
+
+
 def to_markdown(rows: list[dict], experiments: dict[str, Experiment], timing: str) -> str:
     shots = list(experiments)
     first = next(iter(experiments.values()))
@@ -87,7 +90,7 @@ def to_markdown(rows: list[dict], experiments: dict[str, Experiment], timing: st
     for row in rows:
         cells = [row["name"]]
         cells += [_cell(row[s][c]) if row[s] else "n/a" for s in shots for c, _ in COLUMNS]
-        cells += [_duration(row[s]["seconds"]) if row[s] else "n/a" for s in shots]
+        cells += [_time(row[s]["seconds"]) if row[s] else "n/a" for s in shots]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -98,7 +101,7 @@ def print_table(console, rows: list[dict], experiments: dict[str, Experiment]) -
     for shots in experiments:
         table.add_column(shots, justify="right")
     for row in rows:
-        table.add_row(row["name"], *[" / ".join(_cell(row[s][c]) for c, _ in COLUMNS) + f"  ({_duration(row[s]['seconds'])})"
+        table.add_row(row["name"], *[" / ".join(_cell(row[s][c]) for c, _ in COLUMNS) + f"  ({_time(row[s]['seconds'])})"
                                      if row[s] else "n/a" for s in experiments])
     console.print(table)
 
@@ -188,12 +191,6 @@ def run_fewshot_table(experiments: dict[str, Experiment], console=None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from datamodules import datasets
-    from datamodules.incremental import UnreadableSample
-    from experiments import run
-    from lightning_modules.module import NonFiniteLoss
-    from lightning_modules.network import PretrainedWeightsUnavailable
-
     parser = argparse.ArgumentParser(prog="python -m experiments.fewshot_table", description=__doc__.split("\n\n")[0])
     parser.add_argument("experiment", nargs="?", default=DEFAULT_EXPERIMENT, help=f"an iFSS experiment (default {DEFAULT_EXPERIMENT})")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every shot count's experiment")
@@ -201,16 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if "=" in args.experiment:   # only overrides were given
         args.overrides, args.experiment = [args.experiment, *args.overrides], DEFAULT_EXPERIMENT
-    run.quiet_libraries()
-    console = table_console()
-    try:
+
+    def action(console):
         shots = [int(s) for s in args.shots.split(",")]
         run_fewshot_table(load_shot_experiments(args.experiment, args.overrides, shots), console)
-    except (ConfigError, ValueError, datasets.DatasetMissing, PretrainedWeightsUnavailable, NonFiniteLoss,
-            UnreadableSample) as error:
-        console.print("[red]error:[/]", escape(str(error)), soft_wrap=True, highlight=False)
-        return 1
-    return 0
+
+    return run_command(action)
 
 
 if __name__ == "__main__":

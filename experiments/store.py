@@ -58,6 +58,11 @@ def identity(config) -> dict:
     kept["network"] = config.network.identity()
     kept["optimizer"] = config.optimizer.identity()
     kept["checkpoint"] = config.checkpoint.identity()
+    # A hyper-parameter a method gained later is left out at its default, so earlier runs keep their ids.
+    from lightning_modules.methods import METHODS
+
+    later = getattr(METHODS.get(config.method), "later_defaults", {})
+    kept["hparams"] = {k: v for k, v in values["hparams"].items() if not (k in later and later[k] == v)}
     return kept
 
 

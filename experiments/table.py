@@ -382,28 +382,33 @@ def run_table(experiments: dict[str, Experiment], dataset: str, console=None) ->
     return {"rows": rows, "markdown": markdown, "paths": paths, "seconds": seconds, "units": units}
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_command(action) -> int:
+    """A table command's body `action(console)`, its user-facing errors as one red line: 0 or 1."""
     from datamodules import datasets
     from datamodules.incremental import UnreadableSample
     from experiments import run
     from lightning_modules.module import NonFiniteLoss
     from lightning_modules.network import PretrainedWeightsUnavailable
 
-    parser = argparse.ArgumentParser(prog="python -m experiments.table", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", default="synthetic", choices=sorted(PROTOCOL_EXPERIMENTS),
-                        help="synthetic (the embedded dataset, default) or voc (Pascal VOC, the paper settings)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="applied to both protocols' experiments")
-    args = parser.parse_args(argv)
     run.quiet_libraries()
     console = table_console()
     try:
-        experiments = load_table_experiments(args.dataset, args.overrides)
-        run_table(experiments, args.dataset, console)
+        action(console)
     except (ConfigError, ValueError, datasets.DatasetMissing, PretrainedWeightsUnavailable, NonFiniteLoss,
             UnreadableSample) as error:
         console.print("[red]error:[/]", escape(str(error)), soft_wrap=True, highlight=False)
         return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.table", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", default="synthetic", choices=sorted(PROTOCOL_EXPERIMENTS),
+                        help="synthetic (the embedded dataset, default) or voc (Pascal VOC, the paper settings)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="applied to both protocols' experiments")
+    args = parser.parse_args(argv)
+    return run_command(lambda console: run_table(load_table_experiments(args.dataset, args.overrides), args.dataset,
+                                                 console))
 
 
 if __name__ == "__main__":

@@ -138,10 +138,12 @@ def build_step(config, method, steps, step: int, network, old_network=None, clas
     if step > 0:
         context.stage_directory = run_stage_once(method, context, config.cache_dir)
         datamodule.set_training_sources(method.training_data(context, datamodule.training_sources))
-    if step > 0 and datamodule.per_process_batch(world_size(config.trainer), config.trainer.accumulate_grad_batches) == 1 \
-            and hasattr(network, "freeze_image_pooling_statistics"):
-        # A one-image batch (one shot of a one-class few-shot step): the image-pooling branch's 1x1 map
-        # has no batch statistics, so it normalises by its running ones (the official --no_pooling).
+    one_image = datamodule.per_process_batch(world_size(config.trainer), config.trainer.accumulate_grad_batches) == 1
+    one_shot_steps = config.data.fewshot is not None and config.data.fewshot.nshot == 1 and len(steps) > 2
+    if step > 0 and (one_image or one_shot_steps) and hasattr(network, "freeze_image_pooling_statistics"):
+        # A one-image batch has no batch statistics in the image-pooling branch's 1x1 map: it normalises
+        # by its running ones (the official --no_pooling, which PIFS's multi-step scripts pass to every
+        # 1-shot run, VOC's one-image steps and COCO's five-image ones alike).
         network.freeze_image_pooling_statistics()
     module = build_module(config, method, steps, step, network, class_names)
     epochs = None

@@ -68,6 +68,14 @@ class IncrementalClassifier(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return torch.cat([head(features) for head in self.heads], dim=1)
 
+    def head_and_row(self, channel: int) -> tuple[nn.Conv2d, int]:
+        """The head holding `channel` (in the logits' order) and the channel's row in it."""
+        for head in self.heads:
+            if channel < head.out_channels:
+                return head, channel
+            channel -= head.out_channels
+        raise ValueError(f"channel {channel} is beyond the classifier's {self.num_classes} channels")
+
     @torch.no_grad()
     def init_newest_from_background(self) -> None:
         """MiB's `init_balanced` of the newest head: every new class starts as a copy of the
@@ -141,48 +149,47 @@ def batch_renormalisation(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     return F.batch_norm(x, None, None, weight * r.to(weight), bias + weight * d.to(weight), True, 0.0, eps)
 
 
-class BatchRenorm2d(nn.Module):
-    """A BatchNorm2d's parameters and buffers (the same state-dict keys) normalised by
-    `batch_renormalisation` in training mode and by the running statistics in eval mode. The
-    running statistics never change (the official ABR's momentum 0). Deliberately not a
-    torch _BatchNorm: Lightning's SyncBatchNorm conversion would replace it; PIFS's statistics are
-    each process's own batch's, as in the official code."""
-
-    def __init__(self, batch_norm: nn.BatchNorm2d):
-        super().__init__()
-        if not batch_norm.affine or not batch_norm.track_running_stats:
-            raise ValueError("batch renormalisation needs an affine batch norm with running statistics")
-        self.num_features, self.eps = batch_norm.num_features, batch_norm.eps
-        self.weight, self.bias = batch_norm.weight, batch_norm.bias
-        self.register_buffer("running_mean", batch_norm.running_mean)
-        self.register_buffer("running_var", batch_norm.running_var)
-        self.register_buffer("num_batches_tracked", batch_norm.num_batches_tracked)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-        return batch_renormalisation(x, self.weight, self.bias, self.running_mean, self.running_var, self.eps)
-
-    def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}, running statistics frozen"
-
-
-class RunningStatisticsNorm(nn.Module):
-    """A batch norm (or BatchRenorm2d) that normalises by its running statistics in training too,
-    its affine parameters still trained: what the official `--no_pooling` does to DeepLab's
-    image-pooling branch (`global_pooling_bn.eval()`), whose 1x1 map holds one value per channel
-    and image, so that a batch of one image has no batch statistics."""
+class _NormWithState(nn.Module):
+    """A batch norm's parameters and buffers (the same objects, the same state-dict keys) under a
+    forward of its own."""
 
     def __init__(self, norm: nn.Module):
         super().__init__()
+        if getattr(norm, "affine", True) is False or getattr(norm, "running_mean", None) is None:
+            raise ValueError("this normalisation needs an affine batch norm with running statistics")
         self.num_features, self.eps = norm.num_features, norm.eps
         self.weight, self.bias = norm.weight, norm.bias
         self.register_buffer("running_mean", norm.running_mean)
         self.register_buffer("running_var", norm.running_var)
         self.register_buffer("num_batches_tracked", norm.num_batches_tracked)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _eval_norm(self, x: torch.Tensor) -> torch.Tensor:
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+
+class BatchRenorm2d(_NormWithState):
+    """A BatchNorm2d normalised by `batch_renormalisation` in training mode and by the running
+    statistics in eval mode. The running statistics never change (the official ABR's momentum 0).
+    Deliberately not a torch _BatchNorm: Lightning's SyncBatchNorm conversion would replace it;
+    PIFS's statistics are each process's own batch's, as in the official code."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return self._eval_norm(x)
+        return batch_renormalisation(x, self.weight, self.bias, self.running_mean, self.running_var, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, running statistics frozen"
+
+
+class RunningStatisticsNorm(_NormWithState):
+    """A batch norm (or BatchRenorm2d) that normalises by its running statistics in training too,
+    its affine parameters still trained: what the official `--no_pooling` does to DeepLab's
+    image-pooling branch (`global_pooling_bn.eval()`), whose 1x1 map holds one value per channel
+    and image, so that a batch of one image has no batch statistics."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._eval_norm(x)
 
 
 def use_batch_renormalisation(module: nn.Module) -> int:

@@ -48,6 +48,30 @@ def make_voc_coverage_tree(data_root):
     write_voc_tree(voc, val, {"val.txt": list(val)}, mask_dir="SegmentationClass")
 
 
+def make_coco_coverage_tree(data_root):
+    """COCO prepared for `dataset: coco` (the COCO half of `make data DATASET=coco`: images, masks in
+    COCO ids, the two-path lists) with one training and one validation image per used category,
+    and two training images of background alone."""
+    from datamodules.datasets.coco import COCO_UNUSED_IDS
+    from datamodules.datasets.voc import save_mask
+
+    rng = np.random.default_rng(0)
+    coco = data_root / "coco"
+    used = [c for c in range(1, 91) if c not in COCO_UNUSED_IDS]
+    for split, samples in (("train2017", {f"{c:09d}1": c for c in used} | {"000000000010": 0, "000000000020": 0}),
+                           ("val2017", {f"{c:09d}2": c for c in used})):
+        (coco / "images" / split).mkdir(parents=True)
+        (coco / "annotations_coco_voc" / split).mkdir(parents=True)
+        for image_id, cls in samples.items():
+            image, mask = _single_class_sample(rng, cls)
+            Image.fromarray(image).save(coco / "images" / split / f"{image_id}.jpg")
+            save_mask(coco / "annotations_coco_voc" / split / f"{image_id}.png", mask)
+        lists = coco / "ImageSets" / "Segmentation"
+        lists.mkdir(parents=True, exist_ok=True)
+        (lists / f"{split}.txt").write_text("".join(f"/images/{split}/{i}.jpg /annotations_coco_voc/{split}/{i}.png\n"
+                                                    for i in sorted(samples)))
+
+
 def make_ade_coverage_tree(data_root):
     """ADEChallengeData2016 in miniature: two training images and one validation image per class
     (greyscale annotations, 0 = unlabeled, no void)."""
@@ -91,6 +115,8 @@ def data_roots(tmp_path_factory):
     roots["coco-voc"] = tmp_path_factory.mktemp("coco")
     make_coco_voc_tree(roots["coco-voc"], n_coco_train=16, n_coco_val=6, n_voc_train=8, n_voc_val=4)
     coco_dataset.prepare_coco_voc(roots["coco-voc"], progress=False, workers=1)
+    roots["coco"] = tmp_path_factory.mktemp("coco80")
+    make_coco_coverage_tree(roots["coco"])
     return roots
 
 
@@ -103,6 +129,8 @@ def smoke_config(name: str, data_root, tmp_path, every_method: bool = False):
     data = config["data"]
     data.update(root=str(data_root), crop_size=SIZE, batch_size=4, test_batch_size=8, num_workers=0)
     data["options"] = dict(data.get("options") or {})
+    if data.get("fewshot"):   # one shot per novel class: every generated tree has that many
+        data["fewshot"] = {**data["fewshot"], "nshot": 1, "ishot": 0}
     if data["dataset"] == "synthetic":
         data["options"]["synthetic"] = {"train": 48, "val": 16, "size": 40, "seed": 0}
     else:
@@ -179,12 +207,18 @@ def test_experiment_file_is_complete_and_every_step_has_data(name, data_roots, t
     config = smoke_config(name, data_roots[original.data.dataset], tmp_path)
     steps = run.prepare(config)
     data = config.data
+    fewshot = data.fewshot.model_dump() if data.fewshot else None
     for step in range(len(steps)):
         module = IncrementalSegmentationDataModule(
             dataset=data.dataset, data_root=data.root, task=data.task, mode=data.mode, step=step,
-            crop_size=SIZE, test_images=data.test_images, num_workers=0, dataset_options=data.options)
+            crop_size=SIZE, test_images=data.test_images, num_workers=0, dataset_options=data.options,
+            fewshot=fewshot)
         module.setup()
-        assert len(module.train_set) >= 2 and len(module.test_set) >= 1, f"{name} step {step}"
+        assert len(module.test_set) >= 1, f"{name} step {step}"
+        if fewshot and step > 0:   # the shots: nshot images per novel class
+            assert len(module.train_set) == fewshot["nshot"] * len(steps[step]), f"{name} step {step}"
+        else:
+            assert len(module.train_set) >= 2, f"{name} step {step}"
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -196,6 +230,10 @@ def test_experiment_file_runs_end_to_end(name, data_roots, tmp_path):
         # The table's methods of these two files run end to end in tests/test_table.py (make table)
         others = [m for m in config.methods if m not in table.TABLE_METHODS]
         config = resolve(apply_overrides(config, [f"methods=[{','.join(others)}]"]))
+    if config.data.fewshot is not None and load_experiment(name).get("based_on"):
+        # Another fold or the multi-step task of a few-shot file whose methods run end to end in that
+        # file: PIFS only (imprinting, batch renormalisation, the teacher) on this file's steps.
+        config = resolve(apply_overrides(config, ["methods=[pifs]"]))
     results = run.run_experiment(config)
     steps = task_classes(config.data.dataset, config.data.task)
     assert set(results) == set(config.methods)

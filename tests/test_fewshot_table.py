@@ -48,8 +48,12 @@ def test_the_fewshot_table_runs_every_shot_count_shares_the_base_steps_and_tabul
     assert all(u.saved for u in again["units"]) and again["rows"] == table["rows"]
 
 
-def test_a_usual_experiment_is_a_one_line_error():
+def test_a_usual_experiment_is_a_one_line_error(capsys):
     from experiments.config import ConfigError
 
     with pytest.raises(ConfigError, match="no few-shot steps"):
         fewshot_table.load_shot_experiments("synthetic_15_5_disjoint", [])
+    assert fewshot_table.main(["synthetic_15_5_disjoint"]) == 1
+    assert fewshot_table.main(["synthetic_5_0_fewshot", "data.fewshot.nshott=2"]) == 1
+    out = capsys.readouterr().out
+    assert "no few-shot steps" in out and "nshott" in out

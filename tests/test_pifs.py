@@ -76,6 +76,7 @@ def test_batch_renormalisation_is_its_formula_in_value_and_gradient_and_never_mo
     gamma = renorm.weight.detach().double().requires_grad_(True)
     expected = _renorm_float64(x64, gamma, renorm.bias.detach(), bn.running_mean, bn.running_var, bn.eps)
     assert torch.allclose(y.double(), expected, atol=1e-5)
+    assert torch.equal(y, batch_renormalisation(x, renorm.weight, renorm.bias, bn.running_mean, bn.running_var, bn.eps))
     upstream = torch.randn_like(y)
     (y * upstream).sum().backward()
     (expected * upstream.double()).sum().backward()
@@ -262,3 +263,74 @@ def test_pifs_starts_from_the_imprinted_teacher_with_renormalised_frozen_statist
     method.after_training_pass(built.module, built.module.pass_totals)
     assert torch.equal(network.classifier.heads[1].weight, trained)
     assert torch.equal(built.module.old_network.classifier.heads[1].weight, teacher.classifier.heads[1].weight)
+
+
+def test_mean_feature_sums_are_plain_means_of_each_present_channel():
+    from lightning_modules.losses import mean_feature_sums
+
+    torch.manual_seed(4)
+    features = torch.randn(2, 3, 2, 2)
+    labels = torch.randint(0, 3, (2, 4, 4))
+    labels[0, 0, 0] = 255
+    sums, images = mean_feature_sums(features, labels, 4)
+    up = torch.nn.functional.interpolate(features.double(), size=(4, 4), mode="bilinear", align_corners=False).numpy()
+    expected, counts = np.zeros((4, 3)), [0, 0, 0, 0]
+    for b in range(2):
+        for k in range(4):
+            pixels = [up[b, :, i, j] for i in range(4) for j in range(4) if labels[b, i, j] == k]
+            if pixels:
+                expected[k] += np.mean(pixels, axis=0)
+                counts[k] += 1
+    assert images.tolist() == counts and counts[3] == 0
+    assert np.allclose(sums.numpy(), expected, atol=1e-6)
+
+
+def test_amp_adapts_every_class_the_shots_show_and_sets_the_new_ones_to_their_proxies(fewshot_experiment):
+    from experiments.config import apply_overrides, resolve
+    from experiments.training import build_step, fit_and_test
+    from lightning_modules.methods import build_method
+
+    experiment = resolve(apply_overrides(fewshot_experiment, ["methods=[amp]"]))
+    config = experiment.run_config("amp")
+    method = build_method("amp")
+    steps = task_classes("synthetic", "fss-5-0")
+    torch.manual_seed(0)
+    network = method.build_network(config.network, [len(steps[0])], pretrained=False)
+    start_step(network, method, len(steps[1]))
+    before = [h.weight.detach().clone()[:, :, 0, 0] for h in network.classifier.heads]
+    biases = [h.bias.detach().clone() for h in network.classifier.heads]
+    built = build_step(config, method, steps, 1, network)
+    # The proxies worked out again: whole shots, eval mode, float64 plain means per image, averaged.
+    from datamodules.datasets.voc import load_image, load_mask
+    from datamodules.labels import remap
+    from datamodules.transforms import eval_transform
+
+    reference = copy.deepcopy(network).eval()
+    train, module_data = built.datamodule.train_set, built.datamodule
+    transform = eval_transform(module_data.eval_crop_size, "full", module_data.size_divisor)
+    sums, counts = np.zeros((21, network.classifier.in_channels)), np.zeros(21)
+    for i, row in enumerate(train.indices):
+        out = transform(image=load_image(train.files.images[row]), mask=remap(load_mask(train.files.masks[row]), train.lookup[i]))
+        with torch.no_grad():
+            features = reference(out["image"][None])["decoder"]
+        features = torch.nn.functional.interpolate(features.double(), size=out["mask"].shape, mode="bilinear",
+                                                   align_corners=False)[0].numpy()
+        labels = out["mask"].numpy()
+        for k in range(21):
+            if (labels == k).any():
+                sums[k] += features[:, labels == k].mean(axis=1)
+                counts[k] += 1
+    record = fit_and_test(config, built, logger=None)
+    assert record["optimizer_updates"] == 0
+    after = torch.cat([h.weight.detach()[:, :, 0, 0] for h in network.classifier.heads]).double().numpy()
+    old_before, bias_after = torch.cat(before).double().numpy(), torch.cat([h.bias.detach() for h in network.classifier.heads])
+    assert counts[16:].min() >= 1 and counts[0] >= 1
+    for k in range(21):
+        if counts[k] == 0:
+            assert np.allclose(after[k], old_before[k]) and float(bias_after[k]) == float(torch.cat(biases)[k])
+            continue
+        proxy = sums[k] / counts[k]
+        proxy /= np.linalg.norm(proxy)
+        keep = 0.0 if k >= 16 else 0.25
+        assert np.allclose(after[k], keep * old_before[k] + (1 - keep) * proxy, atol=1e-5), k
+        assert float(bias_after[k]) == 0.0

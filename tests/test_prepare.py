@@ -49,34 +49,40 @@ def voc_archives(server, tmp_path):  # noqa: F811
     return archives, fake
 
 
-def official_fewshot_files(server, monkeypatch, train_aug: list[str], fake) -> dict[int, list[str]]:  # noqa: F811
-    """PIFS's two official split files for the fake VOC, served locally and pinned in place of the
-    real ones: train_ids.npy in reverse file order, and per-class lists (indices into it) in an
-    order of their own. Returns each class's image ids in that official order."""
+def official_fewshot_files(server, monkeypatch, dataset: str, train_ids: list[str], classes_of) -> dict[int, list[str]]:  # noqa: F811
+    """PIFS's two official split files of `dataset` ("voc" | "coco") for a fake tree, served locally
+    and pinned in place of the real ones: the official training list in reverse file order (VOC's
+    train_ids.npy, COCO's train.txt) and per-class lists (indices into it) in an order of their own.
+    classes_of(image_id): the image's classes. Returns each class's image ids in the official order."""
     import pickle
 
     from datamodules import download
+    from datamodules.fewshot import OFFICIAL_LISTS
 
-    official_ids = np.array(train_aug[::-1])
-    lists = {c: [i for i in range(len(official_ids)) if c in fake.classes[official_ids[i]]] for c in range(21)}
+    official_ids = list(train_ids)[::-1]
+    lists = {c: [i for i in range(len(official_ids)) if c in classes_of(official_ids[i])] for c in range(92)}
     lists = {c: v[1::2] + v[0::2] for c, v in lists.items()}   # odd positions first: in no file order
-    payloads = {"fss_voc_train_ids": io.BytesIO(), "fss_voc_class_lists": pickle.dumps({c: np.array(v) for c, v in lists.items()})}
-    np.save(payloads["fss_voc_train_ids"], official_ids)
-    payloads["fss_voc_train_ids"] = payloads["fss_voc_train_ids"].getvalue()
-    for key, data in payloads.items():
+    ids_key, lists_key = OFFICIAL_LISTS[dataset]
+    if dataset == "voc":
+        buffer = io.BytesIO()
+        np.save(buffer, np.array(official_ids))
+        ids_bytes = buffer.getvalue()
+    else:
+        ids_bytes = ("\n".join(official_ids) + "\n").encode()
+    for key, data in ((ids_key, ids_bytes), (lists_key, pickle.dumps({c: np.array(v) for c, v in lists.items()}))):
         name = download.OFFICIAL_FILES[key].name
         server.state.files[f"/{name}"] = data
         monkeypatch.setitem(download.OFFICIAL_FILES, key, Archive(name=name, url=server.url(name), source="test",
                                                                   checksum=hashlib.sha256(data).hexdigest(),
                                                                   algorithm="sha256"))
-    return {c: [str(official_ids[i]) for i in v] for c, v in lists.items()}
+    return {c: [official_ids[i] for i in v] for c, v in lists.items()}
 
 
 def test_make_data_voc_downloads_verifies_converts_and_checks(voc_archives, server, tmp_path, monkeypatch):  # noqa: F811
     archives, fake = voc_archives
     train_aug = sorted((set(fake.sbd_train) | set(fake.sbd_val) | set(fake.voc_train)) - set(fake.voc_val)
                        - fake.without_voc_image)
-    official = official_fewshot_files(server, monkeypatch, train_aug, fake)
+    official = official_fewshot_files(server, monkeypatch, "voc", train_aug, lambda image_id: fake.classes[image_id])
     options = {"expected_counts": {"train_aug": len(train_aug), "val": len(fake.voc_val)}}
     root = tmp_path / "data"
     prepare.prepare_voc(root, archives=archives, options=options, progress=False)
@@ -155,17 +161,33 @@ def _coco_archives(server, staging: Path, corrupt_maps: bool = False) -> dict:  
     return archives
 
 
-def test_make_data_coco(server, tmp_path):  # noqa: F811
+def test_make_data_coco(server, tmp_path, monkeypatch):  # noqa: F811
     from tests.fake_coco import make_coco_voc_tree
     staging, root = tmp_path / "staging", tmp_path / "data"
     truth = make_coco_voc_tree(staging, n_coco_train=8, n_coco_val=3, n_voc_train=4, n_voc_val=2)
     shutil.copytree(staging / "VOCdevkit", root / "VOCdevkit")  # VOC prepared first
+    coco_ids = sorted(truth["coco_train"])
+    official = official_fewshot_files(server, monkeypatch, "coco", coco_ids,
+                                      lambda image_id: {t + 1 for t in truth["coco_train"][image_id]["things"]})
     options = {"check_counts": False}
     counts = prepare.prepare_coco(root, archives=_coco_archives(server, staging), options=options, progress=False)
     assert (counts["coco_train"], counts["coco_val"], counts["voc_train"]) == (8, 3, 4)
     located = locate("coco-voc", root, options)
     assert located.train_source == ("coco",) * 8 + ("voc",) * 4
     assert sorted(p.stem for p in located.test.images) == sorted(truth["coco_val"])
+    # COCO alone (PIFS's COCO-20i): COCO train2017 / val2017 with its 80 categories, and the official lists.
+    alone = locate("coco", root, options)
+    assert alone.train.ids == coco_ids and sorted(alone.test.ids) == sorted(truth["coco_val"])
+    from datamodules import fewshot
+    rows = fewshot.load_official_class_lists("coco", root, alone.train.ids)
+    assert {c: [coco_ids[r] for r in v] for c, v in rows.items() if v} == {c: v for c, v in official.items() if v and c}
+    base = IncrementalSegmentationDataModule(dataset="coco", data_root=root, task="fss-20-0", mode="disjoint", step=0,
+                                             crop_size=32, num_workers=0, dataset_options=options,
+                                             fewshot={"nshot": 1, "ishot": 0})
+    base.setup()
+    novel = set(fewshot.coco_fold(0)[1])
+    assert [coco_ids[r] for r in base.train_indices] == [
+        i for i in coco_ids if not {t + 1 for t in truth["coco_train"][i]["things"]} & novel]
 
 
 def test_make_data_coco_refuses_a_maps_zip_with_a_bad_crc(server, tmp_path):  # noqa: F811

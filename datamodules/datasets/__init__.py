@@ -101,7 +101,12 @@ def _coco_voc(data_root: Path, options: dict) -> DatasetSplits:
     return replace(located, train_rows=partial(_coco_step_rows, located.train_source))
 
 
-_LOCATORS = {"voc": _voc, "ade": _ade, "coco-voc": _coco_voc, "synthetic": _synthetic}
+def _coco(data_root: Path, options: dict) -> DatasetSplits:
+    # COCO's 80 categories on their own (PIFS's COCO-20i folds): the COCO half of the COCO-to-VOC tree.
+    return coco.locate_coco(data_root, options)
+
+
+_LOCATORS = {"voc": _voc, "ade": _ade, "coco-voc": _coco_voc, "coco": _coco, "synthetic": _synthetic}
 
 
 def locate(dataset: str, data_root: str | Path, options: dict | None = None) -> DatasetSplits:
@@ -122,7 +127,7 @@ def class_names(dataset: str, options: dict | None = None) -> dict[int, str]:
         return dict(enumerate(VOC_CLASS_NAMES))
     if dataset == "ade":
         return {0: "unlabeled", **dict(enumerate(ade20k.ADE_CLASS_NAMES, start=1))}
-    if dataset == "coco-voc":
+    if dataset in ("coco-voc", "coco"):
         return {i: name for i, name in enumerate(coco.COCO_CLASS_NAMES)}
     if dataset == "synthetic":
         seed = (options or {}).get("synthetic", {}).get("seed", 0)

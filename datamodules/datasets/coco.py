@@ -270,6 +270,52 @@ def prepare_coco_voc(data_root: Path, progress: bool = True, *, workers: int | N
 # ---------------------------------------------------------------------------------------------
 # Locating the prepared dataset
 
+def _check_splits(splits: dict, options: dict, data_root: Path, what: str) -> None:
+    """Every split of the expected size (unless check_counts is false) and every file present, else
+    one DatasetMissing line naming what is wrong."""
+    problems, wrong_counts = [], False
+    if options.get("check_counts", True):
+        unknown = set(options.get("expected_counts") or {}) - set(EXPECTED_COUNTS)
+        if unknown:
+            raise ValueError(f"expected_counts has unknown keys {sorted(unknown)}; known: {', '.join(EXPECTED_COUNTS)}")
+        expected = {**EXPECTED_COUNTS, **(options.get("expected_counts") or {})}
+        problems += [f"{key} has {len(split):,} images (expected {expected[key]:,})"
+                     for key, split in splits.items() if len(split) != expected[key]]
+        wrong_counts = bool(problems)
+    for key, split in splits.items():
+        for kind, paths in (("images", split.images), ("masks", split.masks)):
+            absent = [path for path in paths if not path.is_file()]
+            if absent:
+                problems.append(f"{len(absent):,} of {len(paths):,} {key} {kind} missing (e.g. {absent[0]})")
+    if problems:
+        hint = " (or set data.options.check_counts=false to use a subset on purpose)" if wrong_counts else ""
+        raise DatasetMissing(f"{what} under {data_root} is incomplete: {'; '.join(problems)}. "
+                             f"Run `make data DATASET=coco` again{hint}")
+
+
+def locate_coco(data_root: Path, options: dict | None = None):
+    """COCO 2017 with its 80 thing categories as classes (COCO ids, 0 = background: every stuff
+    class), the tree `make data DATASET=coco` prepares (`prepare_coco_voc`'s COCO half): train
+    train2017, test val2017, as PIFS's COCO-20i folds use them (fcdl94/FSS `dataset/coco.py`, masks from
+    COCO-Stuff's pixel maps, thing k -> k + 1). options: "expected_counts" (coco_train, coco_val),
+    "check_counts". Raises DatasetMissing (one line) naming what is missing or of the wrong size."""
+    from datamodules.datasets import DatasetSplits  # lazy: that package imports this module
+
+    options = dict(options or {})
+    data_root = Path(data_root)
+    coco_root = data_root / "coco"
+    needed = [coco_root / "annotations_coco_voc" / split for split in COCO_SPLITS]
+    needed += [coco_root / "ImageSets" / "Segmentation" / f"{split}.txt" for split in COCO_SPLITS]
+    missing = [str(path) for path in needed if not path.exists()]
+    if missing:
+        raise DatasetMissing(f"COCO is not prepared under {data_root} (missing: {', '.join(missing)}). "
+                             "Run `make data DATASET=coco`")
+    splits = {"coco_train": read_split(coco_root, "train2017.txt"), "coco_val": read_split(coco_root, "val2017.txt")}
+    counts = {k: v for k, v in (options.get("expected_counts") or {}).items() if k in splits}
+    _check_splits(splits, {**options, "expected_counts": counts}, data_root, "COCO")
+    return DatasetSplits(coco_root, splits["coco_train"], splits["coco_val"])
+
+
 def locate_coco_voc(data_root: Path, options: dict | None = None):
     """The COCO-to-VOC splits of a prepared tree (`prepare_coco_voc`), as DatasetSplits.
 
@@ -304,25 +350,7 @@ def locate_coco_voc(data_root: Path, options: dict | None = None):
 
     splits = {"coco_train": read_split(coco_root, "train2017.txt"), "coco_val": read_split(coco_root, "val2017.txt"),
               "voc_train": read_split(voc_root, "train_aug_coco.txt"), "voc_val": read_split(voc_root, "val_coco.txt")}
-    problems, wrong_counts = [], False
-    if options.get("check_counts", True):
-        unknown = set(options.get("expected_counts") or {}) - set(EXPECTED_COUNTS)
-        if unknown:
-            raise ValueError(f"expected_counts has unknown keys {sorted(unknown)}; known: {', '.join(EXPECTED_COUNTS)}")
-        expected = {**EXPECTED_COUNTS, **(options.get("expected_counts") or {})}
-        problems += [f"{key} has {len(split):,} images (expected {expected[key]:,})"
-                     for key, split in splits.items() if len(split) != expected[key]]
-        wrong_counts = bool(problems)
-    for key, split in splits.items():
-        for kind, paths in (("images", split.images), ("masks", split.masks)):
-            absent = [path for path in paths if not path.is_file()]
-            if absent:
-                problems.append(f"{len(absent):,} of {len(paths):,} {key} {kind} missing (e.g. {absent[0]})")
-    if problems:
-        hint = " (or set data.options.check_counts=false to use a subset on purpose)" if wrong_counts else ""
-        raise DatasetMissing(f"COCO-to-VOC under {data_root} is incomplete: {'; '.join(problems)}. "
-                             f"Run `make data DATASET=coco` again{hint}")
-
+    _check_splits(splits, options, data_root, "COCO-to-VOC")
     coco_train, voc_train = splits["coco_train"], splits["voc_train"]
     train = SplitFiles(coco_train.ids + voc_train.ids, coco_train.images + voc_train.images,
                        coco_train.masks + voc_train.masks)

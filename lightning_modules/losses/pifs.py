@@ -1,6 +1,6 @@
-"""PIFS (Cermelli et al., BMVC 2021, "Prototype-based Incremental Few-Shot Semantic Segmentation")
-and the weight imprinting it starts from, as the official code computes them (fcdl94/FSS
-`methods/imprinting.py: WeightImprinting`, `methods/trainer.py`, `utils/loss.py`)."""
+"""PIFS (Cermelli et al., BMVC 2021, "Prototype-based Incremental Few-Shot Semantic Segmentation"),
+the weight imprinting it starts from (WI) and AMP's proxy adaptation, as the official code computes
+them (fcdl94/FSS `methods/imprinting.py: WeightImprinting, AMP`, `methods/trainer.py`, `utils/loss.py`)."""
 from __future__ import annotations
 
 import torch
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from lightning_modules.losses.common import _float32_at_least
 from lightning_modules.losses.distillation import knowledge_distillation
 
-__all__ = ["imprinting_sums", "imprinted_weights", "prototype_distillation"]
+__all__ = ["imprinting_sums", "imprinted_weights", "prototype_distillation", "mean_feature_sums"]
 
 
 def imprinting_sums(features: torch.Tensor, labels: torch.Tensor, channels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,6 +38,26 @@ def imprinting_sums(features: torch.Tensor, labels: torch.Tensor, channels: list
             if mask.any():
                 sums[k] += F.normalize(unit[b][:, mask].sum(dim=1), dim=0).double()
                 images[k] += 1
+    return sums, images
+
+
+def mean_feature_sums(features: torch.Tensor, labels: torch.Tensor, num_channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch's share of AMP's proxy adaptation (the official AMP `warm_up_`): features upsampled
+    as in imprinting_sums; for every image b and channel k in 0..num_channels-1 present in its
+    labels, the plain mean of its pixels' features (not normalised),
+        a_bk = (1 / |P_bk|) sum_{p in P_bk} f_p.
+    Returns float64 sums (K, D) over the images and the images per channel (K,) (int64); the
+    adapted proxy of k is n(sums_k / images_k)."""
+    if features.shape[-2:] != labels.shape[-2:]:
+        features = F.interpolate(features, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    features = _float32_at_least(features)
+    sums = features.new_zeros(num_channels, features.shape[1], dtype=torch.float64)
+    images = torch.zeros(num_channels, dtype=torch.int64, device=features.device)
+    for b in range(labels.shape[0]):
+        for channel in labels[b].unique().tolist():
+            if 0 <= channel < num_channels:
+                sums[channel] += features[b][:, labels[b] == channel].mean(dim=1).double()
+                images[channel] += 1
     return sums, images
 
 

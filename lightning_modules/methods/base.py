@@ -87,6 +87,9 @@ class Method:
     # Hyper-parameters under which every training iteration computes the method's full loss (make
     # bench measures one such iteration; e.g. WILSON's pseudo-labels from epoch 0).
     full_loss_hparams: ClassVar[dict] = {}
+    # Hyper-parameters added after the method's runs existed, with their defaults: left out of a run's
+    # id while at the default (experiments.store.identity), so earlier results are found again.
+    later_defaults: ClassVar[dict] = {}
 
     def __post_init__(self):
         self.carried: dict[str, torch.Tensor] = {}   # state carried from step to step (state_dict)

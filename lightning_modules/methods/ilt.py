@@ -5,10 +5,15 @@ alpha 1) + `loss_de` = 100 x MSE between the current and old encoder outputs (Mi
 `features['body']`: the backbone's last feature map, after its activation; here the network's
 "encoder" output). The encoder is not frozen (the preset does not set `--freeze`); new classifiers
 keep PyTorch's default initialisation. Step 0 is plain CE, the same step-0 model as MiB's.
+
+`distilled_features: decoder` is ILT as PIFS's code (fcdl94/FSS `methods/trainer.py`) runs it in
+the few-shot benchmark: its `loss_de` compares the head's output (`feat`, the features the
+classifier sees), not the backbone's.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -20,9 +25,11 @@ from lightning_modules.methods.base import Method
 class ILT(Method):
     name = "ilt"
     uses_old_model = True
+    later_defaults = {"distilled_features": "encoder"}
     kd_weight: float = 100.0        # MiB's `loss_kd` under `--method ILT`
     kd_alpha: float = 1.0           # MiB's `alpha`
     feature_weight: float = 100.0   # MiB's `loss_de` under `--method ILT`
+    distilled_features: Literal["encoder", "decoder"] = "encoder"   # MiB's code: the body; PIFS's code: the head
 
     def incremental_training_loss(self, module, batch):
         images = batch["image"]
@@ -31,7 +38,7 @@ class ILT(Method):
             old = module.old_network(images)
         ce = cross_entropy(current["logits"], batch["label"])
         kd = knowledge_distillation(current["logits"], old["logits"], alpha=self.kd_alpha)
-        feature = feature_distillation(current["encoder"], old["encoder"])
+        feature = feature_distillation(current[self.distilled_features], old[self.distilled_features])
         loss = ce + self.kd_weight * kd + self.feature_weight * feature
         return loss, {"ce": ce, "kd": kd, "feature": feature}
 
