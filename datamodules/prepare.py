@@ -20,9 +20,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from datamodules import datasets
+from datamodules import datasets, fewshot
 from datamodules.datasets import ade20k, coco, voc
-from datamodules import fewshot
 from datamodules.download import (OFFICIAL_ARCHIVES, OFFICIAL_FILES, Archive, ChecksumError, DownloadError,
                                    UnverifiedArchiveError, fetch)
 from datamodules.presence import dataset_presence

@@ -169,7 +169,8 @@ def fit_and_test(config, built: Step, logger, train: bool = True, checkpoint_fil
     datamodule, module, step = built.datamodule, built.module, built.module.step
     schedule = step_schedule(config, step)
     selection = BestValidationState() if train and config.checkpoint.select == "best_validation" else None
-    trainer = build_trainer(config, schedule.epochs if built.epochs is None else built.epochs, logger, built.callbacks + ([selection] if selection else []),
+    epochs = schedule.epochs if built.epochs is None else built.epochs   # 0: nothing to train (WI, AMP)
+    trainer = build_trainer(config, epochs, logger, built.callbacks + ([selection] if selection else []),
                             checkpoint_file=checkpoint_file if train else None)
     started = time.time()
     if train:

@@ -96,7 +96,8 @@ def test_data_needs_are_the_defaults_plus_the_old_model(name):
 def test_preset_hyper_parameters():
     # MiB's presets: LWF loss_kd 100; ILT loss_kd 100, loss_de 100; LWF-MC icarl_importance 10; alpha 1
     assert dataclasses.asdict(build_method("lwf")) == {"kd_weight": 100.0, "kd_alpha": 1.0}
-    assert dataclasses.asdict(build_method("ilt")) == {"kd_weight": 100.0, "kd_alpha": 1.0, "feature_weight": 100.0}
+    assert dataclasses.asdict(build_method("ilt")) == {"kd_weight": 100.0, "kd_alpha": 1.0, "feature_weight": 100.0,
+                                                     "distilled_features": "encoder"}   # the backbone, as MiB's code
     assert dataclasses.asdict(build_method("lwf_mc")) == {"importance": 10.0}
 
 

@@ -505,3 +505,30 @@ def test_plop_and_sdr_killed_mid_step_resume_exactly(tmp_path):
         assert set(states[0]) == set(states[1])
         for key in states[0]:
             torch.testing.assert_close(states[1][key], states[0][key], rtol=0, atol=0, equal_nan=True, msg=key)
+
+
+@pytest.mark.slow
+def test_pifs_killed_mid_step_resumes_from_its_imprinting_exactly(tmp_path):
+    """SIGKILL mid step 1 of PIFS (after its imprinting pass, once the first epoch is checkpointed),
+    then the same command: the step resumes without imprinting again (its trained weights kept),
+    its warm-start teacher rebuilt from the pass's saved totals, and every confusion matrix equals
+    an uninterrupted run's exactly."""
+    args = ("methods=[pifs]", "data.task=fss-5-0", "data.fewshot={nshot: 2, ishot: 0}", "data.test_images=all",
+            "schedule.incremental={epochs: 1, lr: 0.001, iterations: 60}", EXACT)
+    data = tmp_path / "data"
+    reference = subprocess.run(tiny_command(tmp_path / "reference", data, *args), cwd=REPO, env=subprocess_env(),
+                               capture_output=True, text=True)
+    assert reference.returncode == 0, reference.stdout[-2000:] + reference.stderr[-2000:]
+    out = tmp_path / "killed"
+    command = tiny_command(out, data, *args)
+    process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    wait_for(run_dir(out, "pifs") / "checkpoints" / "fit-step1.ckpt", process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    resumed = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert "resuming step 1 from" in resumed.stdout.replace("\n", " ")
+    expected, got = saved_results(tmp_path / "reference", "pifs"), saved_results(out, "pifs")
+    assert [s["optimizer_updates"] for s in got["steps"]] == [s["optimizer_updates"] for s in expected["steps"]]
+    assert [s["confusion"] for s in expected["steps"]] == [s["confusion"] for s in got["steps"]]

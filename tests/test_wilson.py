@@ -169,7 +169,8 @@ def test_voc_files_carry_wilsons_paper_setting(name, expected):
     experiment = resolve(load_experiment(name))
     config = experiment.run_config("wilson")
     method = build_method("wilson", **config.hparams)
-    assert config.schedule.incremental.model_dump() == {"epochs": 40, "lr": 0.001, "iterations": None}   # epochs, not iterations
+    assert config.schedule.incremental.model_dump() == {"epochs": 40, "lr": 0.001, "iterations": None,
+                                                         "batch_size": None}   # epochs, not iterations; the data batch
     assert config.schedule.step0.model_dump() == {"epochs": 30, "lr": 0.01}
     assert (method.alpha, method.pseudo_label_epoch, method.warmup_epochs) == (0.5, 5, 5)
     assert (method.head_lr_factor, method.localizer_lr, method.enc_weight) == (10.0, 0.01, 1.0)
