@@ -73,7 +73,8 @@ def test_pamr_refines_half_precision_masks_in_float32():
 
 @pytest.mark.parametrize("settings", [
     ["trainer.precision=bf16-mixed", "trainer.channels_last=true"],
-    ["trainer.compile=aot_eager"],  # torch.compile's plumbing, with a backend that needs no C compiler
+    # torch.compile's plumbing, with a backend that needs no C compiler (20 s: in the slow tier)
+    pytest.param(["trainer.compile=aot_eager"], marks=pytest.mark.slow),
 ])
 def test_runs_with_mixed_precision_channels_last_and_compile(tiny_config, settings):
     results = run.run_experiment(apply_overrides(tiny_config, ["methods=[mib,wilson]", *settings]))

@@ -475,6 +475,7 @@ def test_a_run_stopped_between_steps_resumes_exactly(tiny_config, monkeypatch):
         assert a["confusion"] == b["confusion"], a["step"]
 
 
+@pytest.mark.slow
 def test_plop_and_sdr_killed_mid_step_resume_exactly(tmp_path):
     """SIGKILL mid step 0 of SDR (its prototypes accumulating) and mid step 1 of PLOP (its thresholds
     from the pass before training, kept in the checkpoint), then the same command: every confusion

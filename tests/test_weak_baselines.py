@@ -318,6 +318,7 @@ def _env():
     return dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=str(REPO), NO_ALBUMENTATIONS_UPDATE="1")
 
 
+@pytest.mark.slow
 def test_a_kill_during_the_stage_resumes_to_the_uninterrupted_result(tmp_path):
     from datamodules.datasets.voc import load_mask
 
