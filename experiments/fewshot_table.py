@@ -19,14 +19,13 @@ import argparse
 import csv
 import math
 import sys
-import time
 from pathlib import Path
 
 from rich.table import Table
 
 from experiments.config import ConfigError, Experiment, apply_overrides, load_experiment, resolve
 from experiments.reporting.table import table_console
-from experiments.table import TableProgress, _duration, plan_units, run_command
+from experiments.table import _duration, run_command, run_experiments
 
 DEFAULT_EXPERIMENT = "synthetic_5_0_fewshot"
 SHOTS = (1, 2, 5)
@@ -158,23 +157,11 @@ def plot_fewshot(rows: list[dict], experiments: dict[str, Experiment], path) -> 
 
 def run_fewshot_table(experiments: dict[str, Experiment], console=None) -> dict:
     """Every shot count's methods (resumably), then the table, its CSV and its figure."""
-    from experiments import run
-
     console = console or table_console()
-    started = time.time()
-    steps_of = {shots: run.prepare(experiment) for shots, experiment in experiments.items()}
-    units = plan_units(experiments, steps_of)
-    progress = TableProgress(units, console)
-    before = sum(u.saved for u in units)
-    console.print(f"[bold]few-shot table[/]: {len({u.method for u in units})} methods × {len(experiments)} shot counts: "
-                  f"{len(units)} (shots, method, step); {before} saved by an earlier run; "
-                  f"{sum(u.kind == 'step0' for u in units)} base-step model(s) to train, the others shared", highlight=False)
-    results_of = {shots: run.run_experiment(experiment, steps_of[shots], progress=progress.reporter(shots))
-                  for shots, experiment in experiments.items()}
-    seconds = time.time() - started
-    rows = fewshot_rows(results_of, experiments)
-    timing = (f"This invocation: {_duration(seconds)} ({before} of {len(units)} steps reused)." if before else
-              f"Measured from scratch in {_duration(seconds)} ({time.strftime('%Y-%m-%d')}).")
+    done = run_experiments(experiments, console, "few-shot table", "shots")
+    units, seconds = done.units, done.seconds
+    rows = fewshot_rows(done.results_of, experiments)
+    timing = done.timing()
     first = next(iter(experiments.values()))
     out_dir = Path(first.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -340,35 +340,57 @@ def load_table_experiments(dataset: str, overrides: list[str]) -> dict[str, Expe
     return experiments
 
 
-def run_table(experiments: dict[str, Experiment], dataset: str, console=None) -> dict:
-    """Every protocol's methods (resumably), then the table, its CSV and its figure. Returns
-    {"rows", "markdown", "paths", "seconds", "units"}."""
+@dataclass
+class Invocation:
+    """What running a table's experiments gave: per group (protocol, shot count) the methods'
+    results and the reasons of those that could not run, the units, and the time."""
+    results_of: dict[str, dict[str, dict]]
+    unavailable_of: dict[str, dict[str, str]]
+    units: list[Unit]
+    seconds: float
+    saved_before: int
+
+    def timing(self) -> str:
+        """How this invocation's time is to be read: from scratch, or with what it reused."""
+        cached = sum(u.cached_before for u in self.units)
+        if self.saved_before or cached:
+            return (f"This invocation: {_duration(self.seconds)} ({self.saved_before} of {len(self.units)} steps reused "
+                    f"from earlier runs, {cached} step-0 model(s) from the cache).")
+        return f"Measured from scratch in {_duration(self.seconds)} ({time.strftime('%Y-%m-%d')})."
+
+
+def run_experiments(experiments: dict[str, Experiment], console, title: str, group: str) -> Invocation:
+    """Every group's experiment (resumably, through experiments.run), with a progress line per
+    (group, method, step) after a header naming what is to run, what was saved and the step-0
+    models to train. `group` names the groups in that header ("protocol", "shots")."""
     from experiments import run
 
-    console = console or table_console()
     started = time.time()
-    steps_of = {protocol: run.prepare(experiment) for protocol, experiment in experiments.items()}
+    steps_of = {name: run.prepare(experiment) for name, experiment in experiments.items()}
     units = plan_units(experiments, steps_of)
     progress = TableProgress(units, console)
     before = sum(u.saved for u in units)
     step0_models = sum(u.kind == "step0" for u in units)
-    console.print(f"[bold]table[/]: {len({u.method for u in units})} methods × {len(experiments)} protocols: {len(units)} "
-                  f"(protocol, method, step); {before} saved by an earlier run; {step0_models} step-0 model(s) to train, "
-                  "the others shared", highlight=False)
+    console.print(f"[bold]{title}[/]: {len({u.method for u in units})} methods × {len(experiments)} {group} settings: "
+                  f"{len(units)} ({group}, method, step); {before} saved by an earlier run; {step0_models} step-0 "
+                  "model(s) to train, the others shared", highlight=False)
     results_of, unavailable_of = {}, {}
-    for protocol, experiment in experiments.items():
-        unavailable_of[protocol] = {}
-        results_of[protocol] = run.run_experiment(experiment, steps_of[protocol], progress=progress.reporter(protocol),
-                                                  unavailable=unavailable_of[protocol])
-    seconds = time.time() - started
+    for name, experiment in experiments.items():
+        unavailable_of[name] = {}
+        results_of[name] = run.run_experiment(experiment, steps_of[name], progress=progress.reporter(name),
+                                              unavailable=unavailable_of[name])
+    return Invocation(results_of, unavailable_of, units, time.time() - started, before)
+
+
+def run_table(experiments: dict[str, Experiment], dataset: str, console=None) -> dict:
+    """Every protocol's methods (resumably), then the table, its CSV and its figure. Returns
+    {"rows", "markdown", "paths", "seconds", "units"}."""
+    console = console or table_console()
+    done = run_experiments(experiments, console, "table", "protocol")
+    results_of, unavailable_of, units, seconds = done.results_of, done.unavailable_of, done.units, done.seconds
     with_paper = any(e.expected.get("methods") for e in experiments.values())
     rows = table_rows(results_of, experiments, unavailable_of, with_paper)
-    cached = sum(u.cached_before for u in units)
-    if before or cached:
-        timing = (f"This invocation: {_duration(seconds)} ({before} of {len(units)} steps reused from earlier runs, "
-                  f"{cached} step-0 model(s) from the cache).")
-    else:
-        timing = f"Measured from scratch in {_duration(seconds)} ({time.strftime('%Y-%m-%d')})."
+    timing = done.timing()
     markdown = to_markdown(rows, experiments, with_paper, timing)
     out_dir = Path(next(iter(experiments.values())).output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -181,27 +181,32 @@ def fewshot_experiment(tiny_config):
                                                  "trainer.precision=32-true"]))  # float32: compared at 1e-5
 
 
-def _independent_prototypes(network, datamodule) -> np.ndarray:
-    """The WI weights worked out again: each shot whole (no augmentation), network in eval mode,
-    float64 unit features of its class's pixels, their normalised sum, summed over the shots and
-    normalised."""
+def _whole_shots(network, datamodule):
+    """Each shot of the step whole (no augmentation), through `network` in eval mode: its decoder
+    features upsampled to the image in float64 (D, H, W) and its labels (H, H), read again from the
+    files with the shot's own label lookup."""
     from datamodules.datasets.voc import load_image, load_mask
     from datamodules.labels import remap
     from datamodules.transforms import eval_transform
 
     network.eval()
-    n_old = sum(len(s) for s in datamodule.steps[:1])
     transform = eval_transform(datamodule.eval_crop_size, "full", datamodule.size_divisor)
-    sums = np.zeros((5, network.classifier.in_channels))
     train = datamodule.train_set
     for i, row in enumerate(train.indices):
-        mask = remap(load_mask(train.files.masks[row]), train.lookup[i])
-        out = transform(image=load_image(train.files.images[row]), mask=mask)
+        out = transform(image=load_image(train.files.images[row]), mask=remap(load_mask(train.files.masks[row]),
+                                                                              train.lookup[i]))
         with torch.no_grad():
             features = network(out["image"][None])["decoder"]
-        features = torch.nn.functional.interpolate(features.double(), size=out["mask"].shape, mode="bilinear",
-                                                   align_corners=False)[0].numpy()
-        labels = out["mask"].numpy()
+        yield (torch.nn.functional.interpolate(features.double(), size=out["mask"].shape, mode="bilinear",
+                                               align_corners=False)[0].numpy(), out["mask"].numpy())
+
+
+def _independent_prototypes(network, datamodule) -> np.ndarray:
+    """The WI weights worked out again: float64 unit features of each shot's class pixels, their
+    normalised sum, summed over the shots and normalised."""
+    n_old = len(datamodule.steps[0])
+    sums = np.zeros((5, network.classifier.in_channels))
+    for features, labels in _whole_shots(network, datamodule):
         for k in range(5):
             pixels = features[:, labels == n_old + k]
             if pixels.shape[1]:
@@ -301,21 +306,8 @@ def test_amp_adapts_every_class_the_shots_show_and_sets_the_new_ones_to_their_pr
     biases = [h.bias.detach().clone() for h in network.classifier.heads]
     built = build_step(config, method, steps, 1, network)
     # The proxies worked out again: whole shots, eval mode, float64 plain means per image, averaged.
-    from datamodules.datasets.voc import load_image, load_mask
-    from datamodules.labels import remap
-    from datamodules.transforms import eval_transform
-
-    reference = copy.deepcopy(network).eval()
-    train, module_data = built.datamodule.train_set, built.datamodule
-    transform = eval_transform(module_data.eval_crop_size, "full", module_data.size_divisor)
     sums, counts = np.zeros((21, network.classifier.in_channels)), np.zeros(21)
-    for i, row in enumerate(train.indices):
-        out = transform(image=load_image(train.files.images[row]), mask=remap(load_mask(train.files.masks[row]), train.lookup[i]))
-        with torch.no_grad():
-            features = reference(out["image"][None])["decoder"]
-        features = torch.nn.functional.interpolate(features.double(), size=out["mask"].shape, mode="bilinear",
-                                                   align_corners=False)[0].numpy()
-        labels = out["mask"].numpy()
+    for features, labels in _whole_shots(copy.deepcopy(network), built.datamodule):
         for k in range(21):
             if (labels == k).any():
                 sums[k] += features[:, labels == k].mean(axis=1)

@@ -66,6 +66,27 @@ def saved_results(out: Path, method: str) -> dict:
     return json.loads((run_dir(out, method) / "results.json").read_text())
 
 
+def reference_and_killed_runs(tmp_path: Path, args: tuple, markers) -> tuple[Path, Path]:
+    """The tiny run with `args` uninterrupted (under tmp_path/reference), then the same command under
+    tmp_path/killed, SIGKILLed once each of markers(out) exists in turn and finally run to its end,
+    which must have resumed a step 1 from its checkpoint. Returns the two output directories."""
+    data, out = tmp_path / "data", tmp_path / "killed"
+    reference = subprocess.run(tiny_command(tmp_path / "reference", data, *args), cwd=REPO, env=subprocess_env(),
+                               capture_output=True, text=True)
+    assert reference.returncode == 0, reference.stdout[-2000:] + reference.stderr[-2000:]
+    command = tiny_command(out, data, *args)
+    for marker in markers(out):
+        process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        wait_for(marker, process)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    resumed = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert "resuming step 1 from" in resumed.stdout.replace("\n", " ")
+    return tmp_path / "reference", out
+
+
 def wait_for(path: Path, process: subprocess.Popen, timeout: float = 300.0) -> None:
     started = time.time()
     while not path.exists():
@@ -482,27 +503,13 @@ def test_plop_and_sdr_killed_mid_step_resume_exactly(tmp_path):
     matrix, SDR's prototypes and PLOP's thresholds equal an uninterrupted run's exactly."""
     args = ("methods=[sdr,plop]", "schedule.step0={epochs: 3, lr: 0.01}", "schedule.incremental={epochs: 3, lr: 0.001}",
             EXACT)
-    data = tmp_path / "data"
-    reference = subprocess.run(tiny_command(tmp_path / "reference", data, *args), cwd=REPO, env=subprocess_env(),
-                               capture_output=True, text=True)
-    assert reference.returncode == 0, reference.stdout[-2000:] + reference.stderr[-2000:]
-    out = tmp_path / "killed"
-    command = tiny_command(out, data, *args)
-    for marker in (run_dir(out, "sdr") / "checkpoints" / "fit-step0.ckpt",
-                   run_dir(out, "plop") / "checkpoints" / "fit-step1.ckpt"):
-        process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL)
-        wait_for(marker, process)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    resumed = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
-    assert "resuming step 1 from" in resumed.stdout.replace("\n", " ")
+    reference, out = reference_and_killed_runs(tmp_path, args, lambda out: (
+        run_dir(out, "sdr") / "checkpoints" / "fit-step0.ckpt", run_dir(out, "plop") / "checkpoints" / "fit-step1.ckpt"))
     for method in ("sdr", "plop"):
-        expected, got = saved_results(tmp_path / "reference", method), saved_results(out, method)
+        expected, got = saved_results(reference, method), saved_results(out, method)
         assert [s["confusion"] for s in expected["steps"]] == [s["confusion"] for s in got["steps"]], method
         states = [torch.load(run_dir(o, method) / "checkpoints" / "step1.pt", weights_only=True)["method_state"]
-                  for o in (tmp_path / "reference", out)]
+                  for o in (reference, out)]
         assert set(states[0]) == set(states[1])
         for key in states[0]:
             torch.testing.assert_close(states[1][key], states[0][key], rtol=0, atol=0, equal_nan=True, msg=key)
@@ -516,20 +523,8 @@ def test_pifs_killed_mid_step_resumes_from_its_imprinting_exactly(tmp_path):
     an uninterrupted run's exactly."""
     args = ("methods=[pifs]", "data.task=fss-5-0", "data.fewshot={nshot: 2, ishot: 0}", "data.test_images=all",
             "schedule.incremental={epochs: 1, lr: 0.001, iterations: 60}", EXACT)
-    data = tmp_path / "data"
-    reference = subprocess.run(tiny_command(tmp_path / "reference", data, *args), cwd=REPO, env=subprocess_env(),
-                               capture_output=True, text=True)
-    assert reference.returncode == 0, reference.stdout[-2000:] + reference.stderr[-2000:]
-    out = tmp_path / "killed"
-    command = tiny_command(out, data, *args)
-    process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    wait_for(run_dir(out, "pifs") / "checkpoints" / "fit-step1.ckpt", process)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    resumed = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
-    assert "resuming step 1 from" in resumed.stdout.replace("\n", " ")
-    expected, got = saved_results(tmp_path / "reference", "pifs"), saved_results(out, "pifs")
+    reference, out = reference_and_killed_runs(tmp_path, args, lambda out: (
+        run_dir(out, "pifs") / "checkpoints" / "fit-step1.ckpt",))
+    expected, got = saved_results(reference, "pifs"), saved_results(out, "pifs")
     assert [s["optimizer_updates"] for s in got["steps"]] == [s["optimizer_updates"] for s in expected["steps"]]
     assert [s["confusion"] for s in expected["steps"]] == [s["confusion"] for s in got["steps"]]
