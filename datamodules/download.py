@@ -379,15 +379,7 @@ def fetch(archive: Archive, download_dir: Path, extract_to: Path, *, allow_unver
         return extract_to
     download(archive.url, path, progress=progress)
     if archive.checksum:
-        try:
-            verify(path, archive, progress=progress)
-        except ChecksumError as error:
-            corrupt = path.with_name(path.name + ".corrupt")
-            path.replace(corrupt)
-            raise ChecksumError(
-                f"{path}: {error.algorithm} is {error.actual}, expected {error.expected}; nothing was extracted, "
-                f"the file was renamed to {corrupt.name} and the next run downloads it afresh",
-                corrupt, error.algorithm, error.expected, error.actual) from None
+        _verify_or_quarantine(path, archive, "nothing was extracted, ", progress)
     try:
         return extract(path, extract_to, progress=progress)
     except zipfile.BadZipFile as error:
@@ -399,10 +391,24 @@ def fetch(archive: Archive, download_dir: Path, extract_to: Path, *, allow_unver
                             f"{corrupt.name} and the next run downloads it afresh", corrupt, "crc32", "", "") from None
 
 
+def _verify_or_quarantine(path: Path, archive: Archive, done: str = "", progress: bool = False) -> None:
+    """verify(); a file whose digest differs is renamed to `<name>.corrupt` (so that the next run
+    downloads it afresh) and ChecksumError says so, after `done` (what was left undone)."""
+    try:
+        verify(path, archive, progress=progress)
+    except ChecksumError as error:
+        corrupt = path.with_name(path.name + ".corrupt")
+        path.replace(corrupt)
+        raise ChecksumError(
+            f"{path}: {error.algorithm} is {error.actual}, expected {error.expected}; {done}the file was renamed "
+            f"to {corrupt.name} and the next run downloads it afresh",
+            corrupt, error.algorithm, error.expected, error.actual) from None
+
+
 def fetch_file(file: Archive, directory: Path, *, progress: bool = False) -> Path:
     """A single published file (no archive) in `directory`, downloaded (resuming) unless a verified
-    copy is there; a copy whose digest differs is renamed to `<name>.corrupt` and ChecksumError
-    says so. Returns its path."""
+    copy is there; a copy on disk whose digest differs is set aside as `<name>.corrupt` and fetched
+    again, a download whose digest differs is a ChecksumError. Returns its path."""
     path = Path(directory) / file.name
     if path.exists():
         try:
@@ -411,12 +417,5 @@ def fetch_file(file: Archive, directory: Path, *, progress: bool = False) -> Pat
         except ChecksumError:
             path.replace(path.with_name(path.name + ".corrupt"))
     download(file.url, path, progress=progress)
-    try:
-        verify(path, file)
-    except ChecksumError as error:
-        corrupt = path.with_name(path.name + ".corrupt")
-        path.replace(corrupt)
-        raise ChecksumError(f"{path}: {error.algorithm} is {error.actual}, expected {error.expected}; renamed to "
-                            f"{corrupt.name}, the next run downloads it afresh", corrupt, error.algorithm,
-                            error.expected, error.actual) from None
+    _verify_or_quarantine(path, file)
     return path

@@ -158,7 +158,7 @@ def plot_fewshot(rows: list[dict], experiments: dict[str, Experiment], path) -> 
 def run_fewshot_table(experiments: dict[str, Experiment], console=None) -> dict:
     """Every shot count's methods (resumably), then the table, its CSV and its figure."""
     console = console or table_console()
-    done = run_experiments(experiments, console, "few-shot table", "shots")
+    done = run_experiments(experiments, console, "few-shot table", "shots", "shot counts")
     units, seconds = done.units, done.seconds
     rows = fewshot_rows(done.results_of, experiments)
     timing = done.timing()

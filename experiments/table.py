@@ -359,10 +359,11 @@ class Invocation:
         return f"Measured from scratch in {_duration(self.seconds)} ({time.strftime('%Y-%m-%d')})."
 
 
-def run_experiments(experiments: dict[str, Experiment], console, title: str, group: str) -> Invocation:
+def run_experiments(experiments: dict[str, Experiment], console, title: str, group: str, groups: str) -> Invocation:
     """Every group's experiment (resumably, through experiments.run), with a progress line per
     (group, method, step) after a header naming what is to run, what was saved and the step-0
-    models to train. `group` names the groups in that header ("protocol", "shots")."""
+    models to train. `group` / `groups` name a group and the groups in that header ("protocol" /
+    "protocols", "shots" / "shot counts")."""
     from experiments import run
 
     started = time.time()
@@ -371,7 +372,7 @@ def run_experiments(experiments: dict[str, Experiment], console, title: str, gro
     progress = TableProgress(units, console)
     before = sum(u.saved for u in units)
     step0_models = sum(u.kind == "step0" for u in units)
-    console.print(f"[bold]{title}[/]: {len({u.method for u in units})} methods × {len(experiments)} {group} settings: "
+    console.print(f"[bold]{title}[/]: {len({u.method for u in units})} methods × {len(experiments)} {groups}: "
                   f"{len(units)} ({group}, method, step); {before} saved by an earlier run; {step0_models} step-0 "
                   "model(s) to train, the others shared", highlight=False)
     results_of, unavailable_of = {}, {}
@@ -386,7 +387,7 @@ def run_table(experiments: dict[str, Experiment], dataset: str, console=None) ->
     """Every protocol's methods (resumably), then the table, its CSV and its figure. Returns
     {"rows", "markdown", "paths", "seconds", "units"}."""
     console = console or table_console()
-    done = run_experiments(experiments, console, "table", "protocol")
+    done = run_experiments(experiments, console, "table", "protocol", "protocols")
     results_of, unavailable_of, units, seconds = done.results_of, done.unavailable_of, done.units, done.seconds
     with_paper = any(e.expected.get("methods") for e in experiments.values())
     rows = table_rows(results_of, experiments, unavailable_of, with_paper)

@@ -341,3 +341,21 @@ def test_official_archive_entries_are_well_formed(key, server, tmp_path):
 
 def test_hex_digest_lengths_are_those_of_hashlib():
     assert ALGORITHMS == {name: len(hashlib.new(name).hexdigest()) for name in ALGORITHMS}
+
+
+def test_fetch_file_keeps_a_verified_copy_refetches_a_corrupt_one_and_refuses_a_bad_download(server, tmp_path):
+    from datamodules.download import fetch_file
+
+    data = b"official split file\n" * 50
+    server.state.files["/lists.pkl"] = data
+    good = Archive("lists.pkl", server.url("lists.pkl"), hashlib.sha256(data).hexdigest(), "sha256", "test")
+    path = fetch_file(good, tmp_path)
+    assert path.read_bytes() == data and len(server.state.requests) == 1
+    assert fetch_file(good, tmp_path) == path and len(server.state.requests) == 1   # verified copy: no request
+    path.write_bytes(b"damaged")
+    assert fetch_file(good, tmp_path).read_bytes() == data and len(server.state.requests) == 2
+    assert (tmp_path / "lists.pkl.corrupt").read_bytes() == b"damaged"
+    bad = dataclasses.replace(good, name="other.pkl", url=server.url("lists.pkl"), checksum="0" * 64)
+    with pytest.raises(ChecksumError, match="expected 0{64}.*renamed to other.pkl.corrupt"):
+        fetch_file(bad, tmp_path)
+    assert not (tmp_path / "other.pkl").exists() and (tmp_path / "other.pkl.corrupt").read_bytes() == data

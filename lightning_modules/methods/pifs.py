@@ -41,9 +41,8 @@ class PIFS(WeightImprinting):
         if self.batch_renorm:
             use_batch_renormalisation(network)
 
-    def after_training_pass(self, module, totals) -> None:
-        prototypes = self.prototypes(module, totals)
-        super().after_training_pass(module, totals)
+    def after_training_pass(self, module, totals) -> torch.Tensor:
+        prototypes = super().after_training_pass(module, totals)
         # The warm-start teacher: the old model grows the imprinted head, so it is the network as the
         # step began (also after a resume, when the network itself is already trained further).
         teacher = module.old_network
@@ -51,6 +50,7 @@ class PIFS(WeightImprinting):
             teacher.add_classes(prototypes.shape[0])
         teacher.classifier.imprint_newest(prototypes)
         teacher.eval().requires_grad_(False)
+        return prototypes
 
     def incremental_training_loss(self, module, batch):
         images = batch["image"]

@@ -66,9 +66,13 @@ class WeightImprinting(Method):
                              "there is nothing to imprint (every shot's mask must show its class)")
         return imprinted_weights(totals["prototype_sums"]).float()
 
-    def after_training_pass(self, module, totals) -> None:
-        if not module.pass_restored:   # a resumed step's network is already past its imprinting
-            module.network.classifier.imprint_newest(self.prototypes(module, totals))
+    def after_training_pass(self, module, totals) -> torch.Tensor:
+        """Imprints the new head (unless the step resumed: its network is already past that) and
+        returns the imprinted weights, for a subclass that uses them further (PIFS's teacher)."""
+        prototypes = self.prototypes(module, totals)
+        if not module.pass_restored:
+            module.network.classifier.imprint_newest(prototypes)
+        return prototypes
 
     def incremental_training_loss(self, module, batch):
         loss = cross_entropy(module.network(batch["image"])["logits"], batch["label"])
